@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the project with its test extras into .venv and runs the whole test suite.
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install --quiet -e '.[test]'
+exec "$VENV/bin/python" -m pytest "$@"
