@@ -1,0 +1,170 @@
+"""The command line: a thin click layer over :class:`~gitlab_log_shipper.shipper.Shipper`.
+
+Each command parses, calls one library function and formats the result. This is the one place where
+:class:`ShipperError` becomes a message and an exit code: 0 ok, 1 runtime failure, 2 usage or config.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from typing import Any, Callable, TypeVar
+
+import click
+
+from . import __version__
+from .config import Config, load_config, parse_duration
+from .daemon import install_signal_handlers, run_forever
+from .errors import ConfigError, ShipperError
+from .logsetup import setup_logging
+from .shipper import FAILED, SHIPPED, CycleReport, ShipResult, Shipper
+from .timeutil import parse_ts, utcnow
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(exc: ShipperError) -> None:
+    prefix = "configuration error" if isinstance(exc, ConfigError) else "error"
+    click.echo(f"gitlab-log-shipper: {prefix}: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _load(ctx: click.Context) -> Config:
+    try:
+        config = load_config(ctx.obj.get("env_file"))
+    except ConfigError as exc:
+        _fail(exc)
+        raise AssertionError("unreachable")
+    setup_logging(config)
+    if config.ignored_variables:
+        click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
+    return config
+
+
+def _parse_when(value: str, option: str, now: datetime) -> datetime:
+    """``--since``/``--until``: ISO 8601 (date or date-time, UTC when no offset) or a duration ago (``2d``)."""
+    ago = parse_duration(value)
+    if ago is not None:
+        return now - ago
+    try:
+        return parse_ts(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO 8601 time (2026-11-01T00:00:00Z) or a duration ago (6h, 2d); got {value!r}",
+                                 param_hint=option) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gitlab-log-shipper")
+@click.option("--env-file", type=click.Path(dir_okay=False), default=None,
+              help="Read settings from this file instead of ./.env (the environment still wins).")
+@click.pass_context
+def main(ctx: click.Context, env_file: str | None) -> None:
+    """Ship every finished GitLab CI pipeline, with every job's log, to a log API and/or files.
+
+    Configuration comes from the environment and .env; see .env.example for every variable.
+    Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["env_file"] = env_file
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one poll cycle and exit (0 when every pipeline was delivered).")
+@click.pass_context
+def run(ctx: click.Context, once: bool) -> None:
+    """Poll GitLab every POLL_INTERVAL seconds and ship finished pipelines (the daemon)."""
+    config = _load(ctx)
+    try:
+        shipper = Shipper(config)
+    except ShipperError as exc:
+        _fail(exc)
+        return
+    try:
+        if once:
+            report = shipper.run_cycle()
+            _print_report(report)
+            sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
+        install_signal_handlers(shipper.stop)
+        run_forever(shipper, config.poll_interval)
+    except ShipperError as exc:
+        _fail(exc)
+    finally:
+        shipper.close()
+
+
+@main.command()
+@click.option("--since", "since_text", required=True, help="Start of the window: ISO 8601 time or a duration ago (6h, 2d).")
+@click.option("--until", "until_text", default=None, help="End of the window (default: now).")
+@click.option("--project", "project_refs", multiple=True, help="Project ID or path (repeatable). Default: the configured projects.")
+@click.option("--force", is_flag=True, help="Ship again pipelines whose finish was shipped before.")
+@click.pass_context
+def backfill(ctx: click.Context, since_text: str, until_text: str | None, project_refs: tuple[str, ...], force: bool) -> None:
+    """Ship pipelines that finished in a past window, independent of the daemon's cursor."""
+    now = utcnow()
+    since = _parse_when(since_text, "--since", now)
+    until = _parse_when(until_text, "--until", now) if until_text else now
+    if since > until:
+        raise click.BadParameter("--since is after --until", param_hint="--since")
+    config = _load(ctx)
+    try:
+        shipper = Shipper(config)
+    except ShipperError as exc:
+        _fail(exc)
+        return
+    try:
+        projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
+        click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)", err=True)
+        report = shipper.backfill(since, until, projects, force=force, progress=_print_progress)
+        _print_report(report)
+        sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
+    except ShipperError as exc:
+        _fail(exc)
+    finally:
+        shipper.close()
+
+
+@main.command()
+@click.option("--pipeline-id", required=True, type=click.IntRange(min=1), help="The pipeline to ship.")
+@click.option("--project", "project_ref", default=None, help="Its project (ID or path). Default: search the configured projects.")
+@click.pass_context
+def post(ctx: click.Context, pipeline_id: int, project_ref: str | None) -> None:
+    """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
+    config = _load(ctx)
+    try:
+        shipper = Shipper(config)
+    except ShipperError as exc:
+        _fail(exc)
+        return
+    try:
+        result = shipper.post_pipeline(pipeline_id, project_ref)
+        _print_progress(result)
+        sys.exit(0 if result.outcome == SHIPPED else 1)
+    except ShipperError as exc:
+        _fail(exc)
+    finally:
+        shipper.close()
+
+
+def _print_progress(result: ShipResult) -> None:
+    line = f"pipeline {result.pipeline_id} (project {result.project_id}): {result.outcome}"
+    if result.outcome == SHIPPED:
+        line += f", {result.jobs} job(s), {result.log_bytes} log bytes"
+        if result.http_status:
+            line += f", HTTP {result.http_status}"
+        if result.folder:
+            line += f", files in {result.folder}"
+    elif result.reason:
+        line += f": {result.reason}"
+    click.echo(line)
+
+
+def _print_report(report: CycleReport) -> None:
+    for result in report.results:
+        _print_progress(result)
+    click.echo(f"summary: {report.summary()}")
+    for error in report.project_errors:
+        click.echo(f"project error: {error}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

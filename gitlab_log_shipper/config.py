@@ -1,0 +1,307 @@
+"""Configuration: read once from the environment and ``.env`` into a frozen dataclass.
+
+Nothing else in the package reads ``os.environ``. Every problem raises :class:`ConfigError` naming the
+variable and the bad value (secrets are never echoed), which the CLI turns into exit code 2.
+
+Variable names, defaults and meanings are the predecessor collector's (``predecessor.md``) and the API
+design's (``api-post-design.md``), so an existing ``.env`` keeps working; the poller adds its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+# Statuses GitLab uses for pipelines and jobs (CI::HasStatus). Filters naming anything else are typos.
+PIPELINE_STATUSES = frozenset(
+    "created waiting_for_resource preparing pending running success failed canceling canceled skipped "
+    "manual scheduled".split()
+)
+JOB_STATUSES = PIPELINE_STATUSES
+# A pipeline in one of these states will not change again unless someone retries it; these are shipped.
+FINISHED_STATUSES = frozenset({"success", "failed", "canceled", "skipped", "manual"})
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Settings of the webhook collector that mean nothing to a poller; accepted so old .env files still load.
+IGNORED_VARIABLES = ("WEBHOOK_PORT", "WEBHOOK_SECRET")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the shipper needs to know, validated. Secrets are excluded from ``repr``."""
+
+    gitlab_url: str
+    gitlab_token: str = field(repr=False)
+    gitlab_projects: tuple[str, ...] = ()
+    gitlab_groups: tuple[str, ...] = ()
+    gitlab_timeout: float = 30.0
+
+    poll_interval: float = 60.0
+    poll_overlap: float = 300.0
+    initial_lookback: float = 3600.0
+    discovery_interval: float = 600.0
+
+    state_dir: Path = Path("./state")
+    log_dir: Path = Path("./logs")
+    log_output_dir: Path = Path("./logs/pipeline-logs")
+    log_level: str = "INFO"
+
+    retry_attempts: int = 3
+    retry_delay: float = 2.0
+
+    save_pipeline_status: frozenset[str] | None = None  # None = all
+    save_projects: frozenset[int] = frozenset()
+    exclude_projects: frozenset[int] = frozenset()
+    save_job_status: frozenset[str] | None = None  # None = all
+    save_metadata_always: bool = True
+
+    api_post_enabled: bool = False
+    api_post_url: str | None = None
+    api_post_auth_token: str | None = field(default=None, repr=False)
+    api_post_timeout: float = 30.0
+    api_post_retry_enabled: bool = True
+    api_post_save_to_file: bool = False
+
+    ignored_variables: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        """``api``, ``dual`` or ``file`` — the three modes of the design."""
+        if not self.api_post_enabled:
+            return "file"
+        return "dual" if self.api_post_save_to_file else "api"
+
+    @property
+    def writes_files(self) -> bool:
+        return self.mode in ("file", "dual")
+
+    @property
+    def posts(self) -> bool:
+        return self.mode in ("api", "dual")
+
+    @property
+    def api_requests_log(self) -> Path:
+        return self.log_dir / "api-requests.log"
+
+    @property
+    def app_log(self) -> Path:
+        return self.log_dir / "gitlab-log-shipper.log"
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, for redaction checks."""
+        return tuple(s for s in (self.gitlab_token, self.api_post_auth_token) if s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsers: each takes the variable name and raw text, returns the value or raises ConfigError.
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {raw!r}")
+
+
+def _number(name: str, raw: str, *, minimum: float, integer: bool = False) -> float:
+    try:
+        value = int(raw.strip()) if integer else float(raw.strip())
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(name, f"expected {kind}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(name, f"expected a finite number, got {raw!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(raw: str) -> timedelta | None:
+    """``90``, ``90s``, ``15m``, ``1h``, ``2d``, ``1w`` → timedelta; None when unparseable."""
+    match = _DURATION.match(raw)
+    if not match:
+        return None
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+
+
+def _duration(name: str, raw: str, *, minimum: float) -> float:
+    value = parse_duration(raw)
+    if value is None:
+        raise ConfigError(name, f"expected seconds or a duration like 30s, 15m, 1h, 2d; got {raw!r}")
+    seconds = value.total_seconds()
+    if seconds < minimum:
+        raise ConfigError(name, f"must be at least {minimum:g} seconds, got {raw!r}")
+    return seconds
+
+
+def _http_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"expected an http:// or https:// URL, got {url!r}")
+    if parts.username or parts.password:
+        # Credentials in a URL end up in logs; the tokens have their own variables.
+        raise ConfigError(name, "must not contain credentials; use the token variables")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(name, f"has an invalid port: {url!r}") from None
+    return url
+
+
+def _list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _status_filter(name: str, raw: str, allowed: frozenset[str]) -> frozenset[str] | None:
+    items = [item.lower() for item in _list(raw)]
+    if not items:
+        raise ConfigError(name, "is empty; use 'all' or a comma list of statuses")
+    if "all" in items:
+        if len(items) > 1:
+            raise ConfigError(name, "'all' cannot be combined with other statuses")
+        return None
+    unknown = sorted(set(items) - allowed)
+    if unknown:
+        raise ConfigError(name, f"unknown status {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    return frozenset(items)
+
+
+def _project_ids(name: str, raw: str) -> frozenset[int]:
+    ids = set()
+    for item in _list(raw):
+        if not item.isdigit() or int(item) <= 0:
+            raise ConfigError(name, f"expected a comma list of numeric project IDs, got {item!r}")
+        ids.add(int(item))
+    return frozenset(ids)
+
+
+def _refs(name: str, raw: str) -> tuple[str, ...]:
+    """Project or group references: numeric IDs or full paths (group/subgroup/project)."""
+    refs = []
+    for item in _list(raw):
+        ref = item.strip("/")
+        if not ref or not re.fullmatch(r"[\w.\-/]+", ref) or "//" in ref or ".." in ref.split("/"):
+            raise ConfigError(name, f"expected numeric IDs or full paths, got {item!r}")
+        refs.append(ref)
+    return tuple(dict.fromkeys(refs))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def read_environment(env_file: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge ``.env`` values under the real environment (the environment wins, as with load_dotenv).
+
+    ``env_file=None`` reads ``./.env`` when it exists; an explicitly named file must exist.
+    """
+    values: dict[str, str] = {}
+    if env_file is None:
+        candidate = Path(".env")
+        path: Path | None = candidate if candidate.is_file() else None
+    else:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError("--env-file", f"no such file: {str(path)!r}")
+    if path is not None:
+        try:
+            loaded = dotenv_values(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("--env-file", f"cannot read {str(path)!r}: {exc.__class__.__name__}") from None
+        values.update({k: v for k, v in loaded.items() if v is not None})
+    values.update(environ)
+    return values
+
+
+def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the whole configuration. Raises ConfigError on the first bad variable."""
+    env = read_environment(env_file, os.environ if environ is None else environ)
+
+    def get(name: str, default: str | None = None) -> str | None:
+        value = env.get(name)
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def opt(name: str, default: str, parse: Callable[[str, str], T]) -> T:
+        return parse(name, get(name, default) or default)
+
+    def required(name: str) -> str:
+        value = get(name)
+        if value is None:
+            raise ConfigError(name, "is required but not set")
+        return value
+
+    gitlab_url = _http_url("GITLAB_URL", required("GITLAB_URL")).rstrip("/")
+    gitlab_token = required("GITLAB_TOKEN")
+    if len(gitlab_token) < 10:
+        raise ConfigError("GITLAB_TOKEN", "looks truncated (shorter than 10 characters)")
+    if any(ch.isspace() for ch in gitlab_token):
+        raise ConfigError("GITLAB_TOKEN", "contains whitespace")
+
+    log_level = (get("LOG_LEVEL", "INFO") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"expected one of {', '.join(LOG_LEVELS)}, got {get('LOG_LEVEL')!r}")
+
+    api_post_enabled = opt("API_POST_ENABLED", "false", _bool)
+    api_post_url_raw = get("API_POST_URL")
+    api_post_url = _http_url("API_POST_URL", api_post_url_raw) if api_post_url_raw else None
+    if api_post_enabled and api_post_url is None:
+        raise ConfigError("API_POST_URL", "is required when API_POST_ENABLED=true")
+    api_token = get("API_POST_AUTH_TOKEN")
+    if api_token is not None and any(ch.isspace() or ord(ch) < 32 for ch in api_token):
+        raise ConfigError("API_POST_AUTH_TOKEN", "contains whitespace or control characters")
+
+    save_projects = opt("LOG_SAVE_PROJECTS", "", lambda n, r: _project_ids(n, r))
+    exclude_projects = opt("LOG_EXCLUDE_PROJECTS", "", lambda n, r: _project_ids(n, r))
+
+    state_dir = Path(get("STATE_DIR", "./state") or "./state")
+    log_dir = Path(get("LOG_DIR", "./logs") or "./logs")
+    log_output_dir = Path(get("LOG_OUTPUT_DIR", "./logs/pipeline-logs") or "./logs/pipeline-logs")
+
+    return Config(
+        gitlab_url=gitlab_url,
+        gitlab_token=gitlab_token,
+        gitlab_projects=opt("GITLAB_PROJECTS", "", _refs),
+        gitlab_groups=opt("GITLAB_GROUPS", "", _refs),
+        gitlab_timeout=opt("GITLAB_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1)),
+        poll_interval=opt("POLL_INTERVAL", "60", lambda n, r: _duration(n, r, minimum=1)),
+        poll_overlap=opt("POLL_OVERLAP", "300", lambda n, r: _duration(n, r, minimum=0)),
+        initial_lookback=opt("INITIAL_LOOKBACK", "1h", lambda n, r: _duration(n, r, minimum=0)),
+        discovery_interval=opt("DISCOVERY_INTERVAL", "600", lambda n, r: _duration(n, r, minimum=1)),
+        state_dir=state_dir,
+        log_dir=log_dir,
+        log_output_dir=log_output_dir,
+        log_level=log_level,
+        retry_attempts=int(opt("RETRY_ATTEMPTS", "3", lambda n, r: _number(n, r, minimum=0, integer=True))),
+        retry_delay=opt("RETRY_DELAY", "2", lambda n, r: _number(n, r, minimum=0)),
+        save_pipeline_status=opt("LOG_SAVE_PIPELINE_STATUS", "all", lambda n, r: _status_filter(n, r, PIPELINE_STATUSES)),
+        save_projects=save_projects,
+        exclude_projects=exclude_projects,
+        save_job_status=opt("LOG_SAVE_JOB_STATUS", "all", lambda n, r: _status_filter(n, r, JOB_STATUSES)),
+        save_metadata_always=opt("LOG_SAVE_METADATA_ALWAYS", "true", _bool),
+        api_post_enabled=api_post_enabled,
+        api_post_url=api_post_url,
+        api_post_auth_token=api_token,
+        api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1)),
+        api_post_retry_enabled=opt("API_POST_RETRY_ENABLED", "true", _bool),
+        api_post_save_to_file=opt("API_POST_SAVE_TO_FILE", "false", _bool),
+        ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
+    )

@@ -1,0 +1,208 @@
+"""HTTP delivery to the receiving API: one POST per document, retries by a urllib3 ``Retry`` policy.
+
+This module knows HTTP and nothing of GitLab. "What happens on a 429 from the receiver" is answered
+here, in :func:`build_retry`. Every POST (after its retries) is written as one line to
+``api-requests.log`` in the design's format; tokens never appear there (they live only in headers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from . import __version__
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"gitlab-log-shipper/{__version__}"
+RESPONSE_LOG_LIMIT = 1000
+# The longest we let one Retry-After hold the daemon inside a single POST; beyond that the document is
+# left for a later cycle instead (a receiver asking for an hour must not freeze every other project).
+MAX_RETRY_AFTER = 120.0
+
+# Statuses worth another try, and why:
+#   408 Request Timeout      - the server gave up waiting for us; transient by definition.
+#   429 Too Many Requests    - the receiver is throttling; wait (Retry-After) and try again.
+#   500-599                  - the receiver or a proxy in front of it failed; the document was not stored.
+# Not retried: every other 4xx (400 bad document, 401/403 auth, 404 wrong URL, 413 too large, 422 ...):
+# sending the same bytes again gives the same answer, and retrying only hides the cause.
+RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
+
+
+class _CappedRetry(Retry):
+    """urllib3 Retry whose Retry-After sleep is capped at :data:`MAX_RETRY_AFTER`."""
+
+    def get_retry_after(self, response):  # type: ignore[no-untyped-def]
+        value = super().get_retry_after(response)
+        return None if value is None else min(value, MAX_RETRY_AFTER)
+
+
+def build_retry(config: Config) -> Retry:
+    """The one retry policy for POSTs: ``RETRY_ATTEMPTS`` retries after the first try (none when
+    ``API_POST_RETRY_ENABLED=false``), delays ``RETRY_DELAY * 2**n`` (2, 4, 8 s with the defaults, as the
+    predecessor), connection errors and :data:`RETRY_STATUSES` retried, ``Retry-After`` honoured.
+
+    ``raise_on_status=False``: when retries run out the last response is handed back, so its status and
+    body are logged instead of an opaque MaxRetryError.
+    """
+    attempts = config.retry_attempts if config.api_post_retry_enabled else 0
+    return _CappedRetry(
+        total=attempts,
+        connect=attempts,
+        read=attempts,
+        status=attempts,
+        other=0,
+        redirect=0,
+        allowed_methods=frozenset({"POST"}),  # POST is not idempotent for urllib3; the Idempotency-Key makes it so
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=config.retry_delay,  # urllib3: factor * 2**(n-1) -> RETRY_DELAY, 2x, 4x ...
+        backoff_max=max(120.0, config.retry_delay),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
+
+
+@dataclass(frozen=True)
+class PostResult:
+    """What became of one POST after its retries."""
+
+    status: int | None  # None: no HTTP answer at all (connection refused, timeout, ...)
+    duration_ms: int
+    response_text: str
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def escape_for_log(text: str) -> str:
+    """One POST is one line: escape backslashes, newlines and every other control character."""
+    text = text.replace("\\", "\\\\")
+    return _CONTROL.sub(lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def format_request_line(
+    when: datetime, pipeline_id: int, project_id: int, url: str, result: PostResult
+) -> str:
+    """The design's line: ``[ts] PIPELINE_ID= PROJECT_ID= URL= STATUS= DURATION=ms [ERROR=] RESPONSE=``."""
+    parts = [
+        f"[{when.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')}]",
+        f"PIPELINE_ID={pipeline_id}",
+        f"PROJECT_ID={project_id}",
+        f"URL={escape_for_log(url)}",
+        f"STATUS={result.status if result.status is not None else 0}",
+        f"DURATION={result.duration_ms}ms",
+    ]
+    if result.error:
+        parts.append(f"ERROR={escape_for_log(result.error)}")
+    parts.append(f"RESPONSE={escape_for_log(result.response_text[:RESPONSE_LOG_LIMIT])}")
+    return " ".join(parts)
+
+
+class RequestLog:
+    """Appends lines to ``api-requests.log``; one write per line so lines never interleave."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, line: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+class ApiPoster:
+    """POSTs documents to ``API_POST_URL`` through one Session mounted with the retry adapter."""
+
+    def __init__(self, config: Config, request_log: RequestLog, *, clock: Callable[[], datetime] | None = None) -> None:
+        if not config.api_post_url:
+            raise ValueError("ApiPoster needs API_POST_URL")
+        self.url = config.api_post_url
+        self.timeout = config.api_post_timeout
+        self.request_log = request_log
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=build_retry(config))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # Only our headers: no proxy credentials or .netrc passwords picked up from the environment.
+        self.session.trust_env = False
+        self.session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        if config.api_post_auth_token:
+            self.session.headers["Authorization"] = f"Bearer {config.api_post_auth_token}"
+
+    def __repr__(self) -> str:
+        return f"ApiPoster(url={self.url!r})"
+
+    def post_file(
+        self,
+        document: Path,
+        *,
+        pipeline_id: int,
+        project_id: int,
+        idempotency_key: str,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> PostResult:
+        """POST the JSON document stored at ``document`` (streamed from disk, rewound by urllib3 on a retry)
+        and log the outcome. Never raises for HTTP or network failures: they come back in the result."""
+        headers = {"Idempotency-Key": idempotency_key, **(extra_headers or {})}
+        started = time.monotonic()
+        status: int | None = None
+        text = ""
+        error: str | None = None
+        try:
+            with open(document, "rb") as body:
+                response = self.session.post(
+                    self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
+                )
+            status = response.status_code
+            text = _response_text(response)
+            if not 200 <= status < 300:
+                error = response.reason or f"HTTP {status}"
+        except requests.RequestException as exc:
+            error = _describe(exc)
+        result = PostResult(status, int((time.monotonic() - started) * 1000), text, error)
+        self.request_log.write(format_request_line(self._clock(), pipeline_id, project_id, self.url, result))
+        return result
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _response_text(response: requests.Response) -> str:
+    """The first bytes of the body as text, without reading a huge error page whole."""
+    try:
+        raw = response.raw.read(RESPONSE_LOG_LIMIT * 4, decode_content=True) if response.raw else b""
+    except Exception:  # a body that breaks while being read is still a response with a status
+        raw = b""
+    finally:
+        response.close()
+    return raw.decode(response.encoding or "utf-8", errors="replace")[:RESPONSE_LOG_LIMIT]
+
+
+def _describe(exc: requests.RequestException) -> str:
+    """A short, token-free reason for a transport failure (URLs carry no secrets: tokens live in headers)."""
+    reason = exc.__class__.__name__
+    inner = exc.args[0] if exc.args else None
+    detail = getattr(inner, "reason", None) or inner
+    text = str(detail) if detail is not None else ""
+    # urllib3 wraps the real cause: "Max retries exceeded ... (Caused by NewConnectionError(...))"
+    match = re.search(r"Caused by (\w+)\((.*)\)\)?$", text)
+    if match:
+        text = f"{match.group(1)}: {match.group(2)}"
+    return f"{reason}: {text}"[:300] if text else reason

@@ -1,0 +1,438 @@
+"""The shipping logic: which pipelines to ship, building their document, handing it to API and/or files.
+
+Knows neither HTTP details (``poster``) nor python-gitlab (``source``); decides on time only through the
+injected ``clock``. One poll of a project:
+
+1. list pipelines updated since (cursor − ``POLL_OVERLAP``), ordered by id so paging never skips;
+2. skip rows seen before with the same status and ``updated_at`` (no request), unfinished rows (they
+   come back with a newer ``updated_at`` when they finish) and rows the status filter drops;
+3. fetch the pipeline; a finish (``status|finished_at``) shipped before is not shipped again;
+4. ship: jobs → filter by status → stream traces to a spool → one document → POST and/or files;
+5. move the cursor to the newest ``updated_at`` seen, but never past a pipeline that was not delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .config import FINISHED_STATUSES, Config
+from .errors import DeliveryError, GitLabSourceError, ShipperError
+from .fileout import FileOutput
+from .payload import (
+    JobLog,
+    document_header,
+    finish_key,
+    idempotency_key,
+    job_fields,
+    keep_job,
+    latest_attempts,
+    stage_order,
+    user_of,
+    write_document,
+)
+from .poster import ApiPoster, RequestLog
+from .source import GitLabSource, ProjectRef
+from .state import StateStore
+from .timeutil import parse_ts, utcnow
+
+log = logging.getLogger(__name__)
+
+# Outcomes of handling one pipeline, counted per cycle and in logs.
+SHIPPED = "shipped"  # delivered to the API and/or written to files as the mode requires
+FAILED = "failed"  # not delivered; tried again on a later cycle
+FILTERED = "filtered"  # dropped by LOG_SAVE_PIPELINE_STATUS
+DUPLICATE = "deduplicated"  # this finish was shipped before
+UNCHANGED = "unchanged"  # list row identical to one handled before: no request made
+UNFINISHED = "unfinished"  # not finished yet: waits for a later cycle
+GONE = "gone"  # deleted in GitLab between listing and fetching
+FELL_BACK = "fell_back_to_file"  # dual mode: API failed, files written
+
+
+@dataclass
+class ShipResult:
+    """What happened to one pipeline."""
+
+    outcome: str
+    project_id: int
+    pipeline_id: int
+    finish: str = ""
+    idempotency_key: str = ""
+    http_status: int | None = None
+    jobs: int = 0
+    log_bytes: int = 0
+    folder: Path | None = None
+    reason: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == SHIPPED
+
+
+@dataclass
+class CycleReport:
+    """Counters of one poll cycle (or one backfill)."""
+
+    counts: Counter = field(default_factory=Counter)
+    project_errors: list[str] = field(default_factory=list)
+    results: list[ShipResult] = field(default_factory=list)
+
+    def add(self, result: ShipResult) -> None:
+        self.counts[result.outcome] += 1
+        if result.outcome in (SHIPPED, FAILED, FELL_BACK, GONE):
+            self.results.append(result)
+
+    def summary(self) -> str:
+        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, FAILED, FILTERED, DUPLICATE, UNCHANGED, UNFINISHED, GONE)
+                 if self.counts[k]]
+        if self.counts[FELL_BACK]:
+            parts.append(f"{FELL_BACK}={self.counts[FELL_BACK]}")
+        if self.project_errors:
+            parts.append(f"project_errors={len(self.project_errors)}")
+        return " ".join(parts) or "nothing to do"
+
+
+class Shipper:
+    """Owns one configuration's source, state, poster and file output."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        state: StateStore | None = None,
+        source: GitLabSource | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.state = state or StateStore(config.state_dir)
+        self.source = source or GitLabSource(config)
+        self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
+        self.files = FileOutput(config.log_output_dir) if config.writes_files else None
+        self.spool_root = config.state_dir / "spool"
+        self._projects: list[ProjectRef] | None = None
+        self._discovered_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        return f"Shipper(gitlab={self.config.gitlab_url!r}, mode={self.config.mode!r})"
+
+    def close(self) -> None:
+        if self.poster:
+            self.poster.close()
+        self.source.close()
+        self.state.close()
+
+    # -- projects -------------------------------------------------------------------------------
+
+    def project_allowed(self, project_id: int) -> bool:
+        """``LOG_SAVE_PROJECTS`` (allow list) or else ``LOG_EXCLUDE_PROJECTS``, as the predecessor."""
+        if self.config.save_projects:
+            return project_id in self.config.save_projects
+        return project_id not in self.config.exclude_projects
+
+    def projects(self, *, refresh: bool = False) -> list[ProjectRef]:
+        """The projects to poll, re-discovered every ``DISCOVERY_INTERVAL`` (groups gain projects)."""
+        now = self.clock()
+        stale = self._discovered_at is None or now - self._discovered_at >= timedelta(seconds=self.config.discovery_interval)
+        if self._projects is None or stale or refresh:
+            try:
+                found = self.source.discover_projects(self.config.gitlab_projects, self.config.gitlab_groups)
+            except GitLabSourceError:
+                if self._projects is None:
+                    raise
+                log.warning("project discovery failed; keeping the %d known projects", len(self._projects), exc_info=False)
+                return self._projects
+            allowed = [p for p in found if self.project_allowed(p.id)]
+            dropped = len(found) - len(allowed)
+            log.info("polling %d project(s)%s", len(allowed), f" ({dropped} excluded by project filters)" if dropped else "")
+            self._projects = allowed
+            self._discovered_at = now
+        return self._projects
+
+    def resolve_projects(self, refs: Iterable[str]) -> list[ProjectRef]:
+        """``--project`` options (ids or paths) → projects, without applying the project filters."""
+        return [self.source.get_project(ref) for ref in refs]
+
+    # -- the poll cycle -------------------------------------------------------------------------
+
+    def run_cycle(self) -> CycleReport:
+        """Poll every project once. GitLab errors are logged per project and never end the cycle."""
+        report = CycleReport()
+        try:
+            projects = self.projects()
+        except GitLabSourceError as exc:
+            log.error("cannot discover projects: %s", exc)
+            report.project_errors.append(str(exc))
+            return report
+        for project in projects:
+            if self.stop.is_set():
+                break
+            try:
+                self.poll_project(project, report)
+            except GitLabSourceError as exc:
+                log.error("project %s: %s; will retry next cycle", project.id, exc)
+                report.project_errors.append(f"{project.id}: {exc}")
+        self.state.prune(self.clock())
+        log.info("cycle done: %s", report.summary())
+        return report
+
+    def poll_project(self, project: ProjectRef, report: CycleReport) -> None:
+        now = self.clock()
+        cursor = self.state.get_cursor(project.id)
+        if cursor is None:
+            cursor = now - timedelta(seconds=self.config.initial_lookback)
+            log.info("project %s: first poll, looking back to %s", project.id, cursor.isoformat())
+        since = cursor - timedelta(seconds=self.config.poll_overlap)
+        newest = cursor
+        blocked: datetime | None = None
+        seen_ids: set[int] = set()
+        for row in self.source.iter_pipelines(project.id, since):
+            if self.stop.is_set():
+                return  # cursor untouched: the rest is polled again after the restart
+            pipeline_id = int(row["id"])
+            if pipeline_id in seen_ids:
+                continue  # offset paging over a growing set can repeat a row
+            seen_ids.add(pipeline_id)
+            updated_at = parse_ts(row["updated_at"])
+            result = self._handle_row(project, row)
+            report.add(result)
+            if result.outcome == FAILED:
+                blocked = updated_at if blocked is None else min(blocked, updated_at)
+            newest = max(newest, updated_at)
+        new_cursor = newest if blocked is None else min(newest, blocked)
+        if new_cursor != cursor:
+            self.state.set_cursor(project.id, new_cursor)
+
+    def _handle_row(self, project: ProjectRef, row: Mapping[str, Any]) -> ShipResult:
+        pipeline_id = int(row["id"])
+        status = str(row.get("status"))
+        updated_at = str(row["updated_at"])
+        base = ShipResult(UNCHANGED, project.id, pipeline_id)
+        if status not in FINISHED_STATUSES:
+            base.outcome = UNFINISHED
+            return base
+        seen = self.state.seen(project.id, pipeline_id)
+        if seen and seen.list_status == status and seen.list_updated_at == updated_at:
+            return base
+        if not self.status_allowed(status):
+            base.outcome = FILTERED
+            base.reason = f"status {status} not in LOG_SAVE_PIPELINE_STATUS"
+            self._write_filtered_metadata(project, pipeline_id)
+            self.state.mark_handled(project.id, pipeline_id, status, updated_at, self.clock())
+            return base
+        try:
+            detail = self.source.get_pipeline(project.id, pipeline_id)
+        except GitLabSourceError as exc:
+            return self._source_failure(project, pipeline_id, exc, list_row=(status, updated_at))
+        if detail.get("status") not in FINISHED_STATUSES:
+            base.outcome = UNFINISHED  # reopened since it was listed: a newer updated_at will bring it back
+            return base
+        finish = finish_key(str(detail["status"]), detail.get("finished_at"))
+        if seen and seen.shipped_finish == finish:
+            self.state.mark_handled(project.id, pipeline_id, status, updated_at, self.clock())
+            base.outcome = DUPLICATE
+            return base
+        return self.ship(project, detail, list_row=(status, updated_at))
+
+    def status_allowed(self, status: str) -> bool:
+        allowed = self.config.save_pipeline_status
+        return allowed is None or status.lower() in allowed
+
+    def _source_failure(self, project: ProjectRef, pipeline_id: int, exc: GitLabSourceError,
+                        list_row: tuple[str, str] | None) -> ShipResult:
+        if exc.gone:
+            log.warning("pipeline %s (project %s) was deleted in GitLab before it could be shipped: %s",
+                        pipeline_id, project.id, exc)
+            if list_row:
+                self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
+            return ShipResult(GONE, project.id, pipeline_id, reason=str(exc))
+        log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
+        return ShipResult(FAILED, project.id, pipeline_id, reason=str(exc))
+
+    def _write_filtered_metadata(self, project: ProjectRef, pipeline_id: int) -> None:
+        """``LOG_SAVE_METADATA_ALWAYS``: a filtered pipeline still gets its metadata.json in the file output."""
+        if not (self.files and self.config.save_metadata_always):
+            return
+        try:
+            detail = self.source.get_pipeline(project.id, pipeline_id)
+            jobs = self.source.list_jobs(project.id, pipeline_id)
+            header = document_header(project.name, detail, user_of(detail, None), stage_order(jobs))
+            self.files.write_metadata_only(header, self.clock())
+        except (GitLabSourceError, OSError) as exc:
+            log.warning("pipeline %s (project %s): metadata of a filtered pipeline not written: %s",
+                        pipeline_id, project.id, exc)
+
+    # -- shipping one pipeline ------------------------------------------------------------------
+
+    def ship(self, project: ProjectRef, detail: Mapping[str, Any], *, list_row: tuple[str, str] | None = None) -> ShipResult:
+        """Build the pipeline's document and deliver it as the mode says; record it when delivered.
+
+        Never raises for GitLab, receiver or file-system failures: they come back as FAILED (retried on
+        a later cycle) or GONE (deleted in GitLab), with the reason logged.
+        """
+        pipeline_id = int(detail["id"])
+        finish = finish_key(str(detail["status"]), detail.get("finished_at"))
+        key = idempotency_key(self.config.gitlab_url, project.id, pipeline_id, finish)
+        result = ShipResult(FAILED, project.id, pipeline_id, finish=finish, idempotency_key=key)
+        self.spool_root.mkdir(parents=True, exist_ok=True)
+        spool = Path(tempfile.mkdtemp(prefix=f"pipeline-{pipeline_id}-", dir=self.spool_root))
+        try:
+            header, jobs = self._collect(project, detail, spool, result)
+            self._deliver(header, jobs, spool, result)
+        except GitLabSourceError as exc:
+            failure = self._source_failure(project, pipeline_id, exc, list_row)
+            failure.finish, failure.idempotency_key = finish, key
+            return failure
+        except (DeliveryError, OSError) as exc:
+            result.outcome = FAILED
+            result.reason = str(exc)
+            log.error("pipeline %s (project %s): delivery failed: %s; will retry next cycle", pipeline_id, project.id, exc)
+            return result
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+        if result.delivered:
+            self.state.record_shipped(project.id, pipeline_id, finish, key, self.config.mode, self.clock(), list_row)
+            log.info("pipeline %s (project %s, %s) shipped: %d job(s), %d log bytes, mode=%s%s",
+                     pipeline_id, project.id, detail.get("status"), result.jobs, result.log_bytes, self.config.mode,
+                     f", HTTP {result.http_status}" if result.http_status else "")
+        return result
+
+    def _collect(self, project: ProjectRef, detail: Mapping[str, Any], spool: Path, result: ShipResult) -> tuple[dict[str, Any], list[JobLog]]:
+        """Jobs (latest attempts, filtered before any log is fetched), traces to the spool, the header."""
+        pipeline_id = int(detail["id"])
+        all_jobs = self.source.list_jobs(project.id, pipeline_id)
+        latest = latest_attempts(all_jobs)
+        kept = [job for job in latest if keep_job(job, self.config.save_job_status)]
+        if len(kept) < len(latest):
+            log.debug("pipeline %s: %d of %d job(s) left out by LOG_SAVE_JOB_STATUS", pipeline_id, len(latest) - len(kept), len(latest))
+        jobs: list[JobLog] = []
+        for job in kept:
+            if self.stop.is_set():
+                raise DeliveryError("shutting down")
+            log_path: Path | None = None
+            # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
+            if job.get("started_at") is not None:
+                log_path = spool / f"job-{job['id']}.log"
+                with open(log_path, "w+b") as out:
+                    result.log_bytes += self.source.fetch_trace(project.id, int(job["id"]), out)
+            jobs.append(JobLog(job_fields(job), log_path))
+        result.jobs = len(jobs)
+        commit_email = None
+        user = detail.get("user")
+        if user and not user.get("public_email"):
+            commit_email = self.source.commit_author_email(project.id, detail.get("sha"))
+        header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs))
+        return header, jobs
+
+    def _deliver(self, header: dict[str, Any], jobs: list[JobLog], spool: Path, result: ShipResult) -> None:
+        """API and/or files, per mode. Sets ``result.outcome``."""
+        now = self.clock()
+        posted_ok = False
+        if self.poster is not None:
+            document = spool / "document.json"
+            with open(document, "wb") as out:
+                write_document(out, header, jobs)
+            post = self.poster.post_file(document, pipeline_id=result.pipeline_id, project_id=result.project_id,
+                                         idempotency_key=result.idempotency_key)
+            result.http_status = post.status
+            posted_ok = post.ok
+            if not post.ok:
+                result.reason = f"receiver: {post.status or 'no answer'} {post.error or ''}".strip()
+                log.error("pipeline %s (project %s): POST failed after retries: %s", result.pipeline_id,
+                          result.project_id, result.reason)
+        if self.files is not None:
+            try:
+                result.folder = self.files.write_pipeline(header, jobs, now)
+            except OSError as exc:
+                raise DeliveryError(f"cannot write files under {self.config.log_output_dir}: {exc.strerror or exc}") from exc
+        if self.config.mode == "file" or posted_ok:
+            result.outcome = SHIPPED
+        elif result.folder is not None:
+            # Dual mode: the files are the fallback; the API is tried again on later cycles.
+            result.outcome = FAILED
+            result.reason += " (files written)"
+            log.warning("pipeline %s (project %s): fell back to files in %s", result.pipeline_id, result.project_id, result.folder)
+        else:
+            result.outcome = FAILED
+
+    # -- backfill and one-off posts -------------------------------------------------------------
+
+    def backfill(self, since: datetime, until: datetime, projects: list[ProjectRef], *, force: bool = False,
+                 progress: Callable[[ShipResult], None] | None = None) -> CycleReport:
+        """Ship what finished in [since, until], independent of the cursor; records what it shipped.
+
+        Lists by ``updated_after=since`` (a pipeline's updated_at is never before its finish), then keeps
+        those whose ``finished_at`` falls in the window. Finishes shipped before are skipped unless ``force``.
+        """
+        report = CycleReport()
+        for project in projects:
+            if self.stop.is_set():
+                break
+            try:
+                self._backfill_project(project, since, until, force, report, progress)
+            except GitLabSourceError as exc:
+                log.error("project %s: %s", project.id, exc)
+                report.project_errors.append(f"{project.id}: {exc}")
+        return report
+
+    def _backfill_project(self, project: ProjectRef, since: datetime, until: datetime, force: bool,
+                          report: CycleReport, progress: Callable[[ShipResult], None] | None) -> None:
+        seen_ids: set[int] = set()
+        for row in self.source.iter_pipelines(project.id, since):
+            if self.stop.is_set():
+                return
+            pipeline_id = int(row["id"])
+            if pipeline_id in seen_ids or row.get("status") not in FINISHED_STATUSES:
+                continue
+            seen_ids.add(pipeline_id)
+            if not self.status_allowed(str(row["status"])):
+                report.add(ShipResult(FILTERED, project.id, pipeline_id))
+                continue
+            try:
+                detail = self.source.get_pipeline(project.id, pipeline_id)
+            except GitLabSourceError as exc:
+                report.add(self._source_failure(project, pipeline_id, exc, None))
+                continue
+            finished_at = detail.get("finished_at")
+            if detail.get("status") not in FINISHED_STATUSES or not finished_at:
+                continue
+            if not since <= parse_ts(finished_at) <= until:
+                continue
+            finish = finish_key(str(detail["status"]), finished_at)
+            if not force and self.state.is_shipped(project.id, pipeline_id, finish):
+                report.add(ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish))
+                continue
+            result = self.ship(project, detail)
+            report.add(result)
+            if progress:
+                progress(result)
+
+    def post_pipeline(self, pipeline_id: int, project_ref: str | None) -> ShipResult:
+        """Ship one pipeline now, even if it was shipped before (a resend carries the same Idempotency-Key)."""
+        if project_ref is not None:
+            project = self.source.get_project(project_ref)
+        else:
+            candidates = self.projects()
+            found = self.source.find_pipeline([p.id for p in candidates], pipeline_id)
+            if found is None:
+                raise ShipperError(
+                    f"pipeline {pipeline_id} is in none of the {len(candidates)} configured project(s); "
+                    "name its project with --project"
+                )
+            project = next(p for p in candidates if p.id == found)
+        detail = self.source.get_pipeline(project.id, pipeline_id)
+        status = str(detail.get("status"))
+        if status not in FINISHED_STATUSES:
+            raise ShipperError(f"pipeline {pipeline_id} is {status}; only finished pipelines are shipped")
+        if not self.status_allowed(status):
+            raise ShipperError(f"pipeline {pipeline_id} is {status}, which LOG_SAVE_PIPELINE_STATUS filters out")
+        return self.ship(project, detail)

@@ -1,0 +1,896 @@
+"""The state behind the simulated GitLab: users, groups, projects, pipelines, jobs, bridges, commits.
+
+A :class:`World` is plain data plus the mutations a poller must survive (a pipeline finishing late,
+being retried and finishing again, being touched without a status change, being deleted). It knows
+nothing of HTTP: :mod:`gitlab_log_shipper.sim.gitlab` renders it as GitLab's REST API. Tests build a
+world, start a simulator on it, and change it while the shipper runs; every mutation holds
+:attr:`World.lock`, which the HTTP handlers also hold while they read.
+
+Ids are big realistic integers (pipelines from 2,900,000,000, jobs from 16,860,000,000, projects from
+87,089,000) so code that squeezes ids into 32 bits or floats fails here as it would on GitLab.com. Jobs
+and bridges share one id sequence, as they share one table in GitLab.
+
+Time comes from an injectable ``clock`` so tests can freeze or step it; all times are aware UTC and
+keep microseconds (GitLab stores microseconds but serialises milliseconds, see the simulator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .logs import Log, LogSpec
+
+__all__ = [
+    "AVAILABLE_STATUSES",
+    "COMPLETED_STATUSES",
+    "FINISHED_STATUSES",
+    "NEVER_RAN_STATUSES",
+    "PIPELINE_SOURCES",
+    "Bridge",
+    "Commit",
+    "Group",
+    "Job",
+    "JobSpec",
+    "Pipeline",
+    "Project",
+    "World",
+]
+
+# Every status a pipeline or job can have (GitLab's Ci::HasStatus::AVAILABLE_STATUSES).
+AVAILABLE_STATUSES: tuple[str, ...] = (
+    "created", "waiting_for_resource", "preparing", "waiting_for_callback", "pending", "running",
+    "success", "failed", "canceling", "canceled", "skipped", "manual", "scheduled",
+)
+# What GitLab's ``scope=finished`` means (Ci::HasStatus::COMPLETED_STATUSES). Note: no "manual".
+COMPLETED_STATUSES: frozenset[str] = frozenset({"success", "failed", "canceled", "skipped"})
+# Statuses a pipeline can come to rest in; finish_pipeline() accepts these and stamps finished_at.
+# "manual" (blocked on a manual job) is included for the tests' sake although GitLab's
+# scope=finished leaves it out.
+FINISHED_STATUSES: frozenset[str] = COMPLETED_STATUSES | {"manual"}
+# A job in one of these never started: no times, no duration, no runner, an empty trace.
+NEVER_RAN_STATUSES: frozenset[str] = frozenset(
+    {"created", "waiting_for_resource", "preparing", "pending", "manual", "scheduled", "skipped"}
+)
+# Started but not finished.
+_ACTIVE_STATUSES = frozenset({"running", "canceling", "waiting_for_callback"})
+# A pipeline in one of these has not started (no started_at).
+_PIPELINE_NOT_STARTED = frozenset({"created", "waiting_for_resource", "preparing", "pending", "scheduled", "skipped"})
+
+# Ci::Pipeline.sources: anything else in ?source= is a 400.
+PIPELINE_SOURCES: tuple[str, ...] = (
+    "unknown", "push", "web", "trigger", "schedule", "api", "external", "pipeline", "chat", "webide",
+    "merge_request_event", "external_pull_request_event", "parent_pipeline", "ondemand_dast_scan",
+    "ondemand_dast_validation", "security_orchestration_policy", "container_registry_push",
+    "duo_workflow", "pipeline_execution_policy_schedule",
+)
+
+PIPELINE_ID_START = 2_900_000_000
+JOB_ID_START = 16_860_000_000
+PROJECT_ID_START = 87_089_000
+GROUP_ID_START = 118_000_000
+USER_NAMESPACE_ID_START = 12_000_000
+DEFAULT_TOKEN = "glpat-sim-0123456789abcdef"
+_FALLBACK_EXTERNAL_URL = "https://gitlab.example.com"  # for user objects made before any server exists
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime) -> datetime:
+    """Naive datetimes are taken as UTC (GitLab.com's server time zone)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _hex(*parts: object, length: int = 40) -> str:
+    return hashlib.sha1(":".join(str(p) for p in parts).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to create with :meth:`World.add_pipeline`. Manual jobs get ``allow_failure`` like GitLab's."""
+
+    name: str
+    stage: str = "test"
+    status: str = "success"
+    log: Log = None
+    allow_failure: bool | None = None  # None: True for manual jobs, else False (GitLab's defaults)
+
+
+@dataclass
+class Group:
+    id: int
+    name: str
+    path: str
+    full_path: str
+    full_name: str
+    parent_id: int | None
+    created_at: datetime
+    description: str = ""
+    visibility: str = "private"
+
+
+@dataclass
+class Project:
+    id: int
+    name: str
+    path: str
+    path_with_namespace: str
+    name_with_namespace: str
+    namespace_id: int
+    namespace_kind: str  # "group" or "user"
+    group_id: int | None
+    created_at: datetime
+    last_activity_at: datetime
+    shared_with_group_ids: list[int] = field(default_factory=list)
+    member: bool = True
+    archived: bool = False
+    default_branch: str = "main"
+    visibility: str = "private"
+    description: str = ""
+
+
+@dataclass
+class Commit:
+    sha: str
+    project_id: int
+    title: str
+    message: str
+    author_name: str
+    author_email: str
+    authored_date: datetime
+    committer_name: str
+    committer_email: str
+    committed_date: datetime
+    parent_ids: list[str]
+
+
+@dataclass
+class Pipeline:
+    id: int
+    iid: int
+    project_id: int
+    status: str
+    source: str
+    ref: str
+    sha: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    user: dict[str, Any] | None
+    name: str | None
+    deleted: bool = False
+    before_sha: str = "0" * 40
+    tag: bool = False
+    duration: int | None = None
+    queued_duration: int | None = None
+    yaml_errors: str | None = None
+    coverage: str | None = None
+    parent_pipeline_id: int | None = None
+    stages: list[str] = field(default_factory=list)
+    job_ids: list[int] = field(default_factory=list)
+    bridge_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    id: int
+    pipeline_id: int
+    name: str
+    stage: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    log: Log
+    erased: bool = False
+    project_id: int = 0
+    erased_at: datetime | None = None
+    queued_duration: float | None = None
+    allow_failure: bool = False
+    failure_reason: str | None = None
+    retried: bool = False  # superseded by a newer attempt: hidden unless include_retried=true
+    retried_from: int | None = None
+    runner_index: int = 0
+    coverage: float | None = None
+
+    @property
+    def ran(self) -> bool:
+        """Whether the job ever started (a never-ran job has no times, runner or log)."""
+        return self.started_at is not None
+
+    def duration(self, now: datetime) -> float | None:
+        """Seconds it ran; a running job's duration grows with the clock, as in GitLab."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at or now
+        return round(max(0.0, (end - self.started_at).total_seconds()), 6)
+
+
+@dataclass
+class Bridge:
+    id: int
+    pipeline_id: int
+    name: str
+    stage: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    downstream_pipeline_id: int | None
+    project_id: int = 0
+    queued_duration: float | None = None
+    allow_failure: bool = False
+    failure_reason: str | None = None
+
+    def duration(self, now: datetime) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or now
+        return round(max(0.0, (end - self.started_at).total_seconds()), 6)
+
+
+class World:
+    """Everything the simulated GitLab knows. Mutations hold :attr:`lock` and stamp ``updated_at``."""
+
+    def __init__(self, token: str = DEFAULT_TOKEN, clock: Callable[[], datetime] | None = None) -> None:
+        self.token: str = token
+        self.lock = threading.RLock()
+        self._clock: Callable[[], datetime] = clock or _utcnow
+        # GitLab's external_url: the base of every web_url in the API. None: the simulator's own url,
+        # as on a correctly configured GitLab (python-gitlab's auth() warns when the user's web_url
+        # does not start with the client's base URL). Set it to reproduce a misconfigured instance.
+        self.external_url: str | None = None
+        self.users: dict[int, dict[str, Any]] = {}
+        self.groups: dict[int, Group] = {}
+        self.projects: dict[int, Project] = {}
+        self.pipelines: dict[int, Pipeline] = {}
+        self.jobs: dict[int, Job] = {}
+        self.bridges: dict[int, Bridge] = {}
+        self.commits: dict[tuple[int, str], Commit] = {}
+        self._project_pipelines: dict[int, list[int]] = {}
+        self._next_user = 1
+        self._next_group = GROUP_ID_START
+        self._next_project = PROJECT_ID_START
+        self._next_pipeline = PIPELINE_ID_START
+        self._next_job = JOB_ID_START
+        self._next_iid: dict[int, int] = {}
+        self.current_user: dict[str, Any] = self.add_user("sim-user", "Sim User", "sim-user@example.com")
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The world's clock (aware UTC)."""
+        return _aware(self._clock())
+
+    # -- users, groups, projects ----------------------------------------------------------------
+
+    def add_user(self, username: str, name: str | None = None, public_email: str = "") -> dict[str, Any]:
+        """Create a user; returns its basic object (what GitLab puts in ``pipeline.user``)."""
+        with self.lock:
+            user_id = self._next_user
+            self._next_user += 1
+            record = {
+                "id": user_id,
+                "username": username,
+                "public_email": public_email,
+                "name": name or username.replace("-", " ").title(),
+                "state": "active",
+                "locked": False,
+                "avatar_url": (
+                    "https://secure.gravatar.com/avatar/"
+                    f"{hashlib.sha256(username.encode()).hexdigest()}?s=80&d=identicon"
+                ),
+                "web_url": f"{self.external_url or _FALLBACK_EXTERNAL_URL}/{username}",
+                # Not in the basic object; rendered in jobs' fuller "user" and in GET /user.
+                "created_at": self.now() - timedelta(days=400 + user_id),
+                "namespace_id": USER_NAMESPACE_ID_START + user_id,
+                "email": public_email or f"{username}@example.com",
+            }
+            self.users[user_id] = record
+            return self.basic_user(record)
+
+    def basic_user(self, user: dict[str, Any], base_url: str | None = None) -> dict[str, Any]:
+        """The 8-key UserBasic object for a known user, or a given dict completed with defaults.
+
+        ``base_url``: the instance URL to build a known user's ``web_url`` from (rendering time).
+        """
+        known = self.users.get(user.get("id", -1)) if isinstance(user.get("id"), int) else None
+        source = {**known, **user} if known else dict(user)
+        if base_url is not None and (known is not None or not source.get("web_url")):
+            source["web_url"] = f"{base_url}/{source.get('username')}"
+        username = str(source.get("username") or f"user{source.get('id', 0)}")
+        return {
+            "id": int(source.get("id", 0)),
+            "username": username,
+            "public_email": source.get("public_email", ""),
+            "name": source.get("name") or username,
+            "state": source.get("state", "active"),
+            "locked": bool(source.get("locked", False)),
+            "avatar_url": source.get("avatar_url")
+            or f"https://secure.gravatar.com/avatar/{hashlib.sha256(username.encode()).hexdigest()}?s=80&d=identicon",
+            "web_url": source.get("web_url") or f"{self.external_url or _FALLBACK_EXTERNAL_URL}/{username}",
+        }
+
+    def add_group(self, path: str, name: str | None = None, parent_id: int | None = None) -> Group:
+        """Create a group (or a subgroup of ``parent_id``); full_path is built from the parents."""
+        with self.lock:
+            parent = self._group(parent_id) if parent_id is not None else None
+            full_path = f"{parent.full_path}/{path}" if parent else path
+            if any(g.full_path.lower() == full_path.lower() for g in self.groups.values()):
+                raise ValueError(f"group {full_path!r} exists")
+            display = name or path
+            group = Group(
+                id=self._next_group,
+                name=display,
+                path=path,
+                full_path=full_path,
+                full_name=f"{parent.full_name} / {display}" if parent else display,
+                parent_id=parent_id,
+                created_at=self.now() - timedelta(days=300),
+            )
+            self._next_group += 1
+            self.groups[group.id] = group
+            return group
+
+    def add_project(
+        self,
+        path: str,
+        name: str | None = None,
+        group_id: int | None = None,
+        shared_with_group_ids: Sequence[int] = (),
+        member: bool = True,
+    ) -> Project:
+        """Create a project in a group (or in the default user's namespace).
+
+        ``shared_with_group_ids``: groups it is shared with (listed by their group projects unless
+        ``with_shared=false``). ``member=False``: visible, but not in ``/projects?membership=true``.
+        """
+        with self.lock:
+            display = name or path
+            if group_id is not None:
+                group = self._group(group_id)
+                path_with_namespace = f"{group.full_path}/{path}"
+                name_with_namespace = f"{group.full_name} / {display}"
+                namespace_id, kind = group.id, "group"
+            else:
+                owner = self.users[1]
+                path_with_namespace = f"{owner['username']}/{path}"
+                name_with_namespace = f"{owner['name']} / {display}"
+                namespace_id, kind = owner["namespace_id"], "user"
+            if self.find_project(path_with_namespace) is not None:
+                raise ValueError(f"project {path_with_namespace!r} exists")
+            for gid in shared_with_group_ids:
+                self._group(gid)
+            # Staggered so that GitLab's default project order (created_at desc) is well defined.
+            created = self.now() - timedelta(days=100) + timedelta(minutes=len(self.projects))
+            project = Project(
+                id=self._next_project,
+                name=display,
+                path=path,
+                path_with_namespace=path_with_namespace,
+                name_with_namespace=name_with_namespace,
+                namespace_id=namespace_id,
+                namespace_kind=kind,
+                group_id=group_id,
+                created_at=created,
+                last_activity_at=created,
+                shared_with_group_ids=list(shared_with_group_ids),
+                member=member,
+            )
+            self._next_project += 1
+            self.projects[project.id] = project
+            self._project_pipelines[project.id] = []
+            return project
+
+    def find_project(self, ref: str | int) -> Project | None:
+        """A project by id or by full path (case-insensitive, as GitLab routes are)."""
+        with self.lock:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                return self.projects.get(int(ref))
+            wanted = ref.lower()
+            return next((p for p in self.projects.values() if p.path_with_namespace.lower() == wanted), None)
+
+    def find_group(self, ref: str | int) -> Group | None:
+        """A group by id or by full path (case-insensitive)."""
+        with self.lock:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                return self.groups.get(int(ref))
+            wanted = ref.lower()
+            return next((g for g in self.groups.values() if g.full_path.lower() == wanted), None)
+
+    def subgroup_ids(self, group_id: int) -> list[int]:
+        """The group and all its descendants."""
+        with self.lock:
+            found = [group_id]
+            frontier = [group_id]
+            while frontier:
+                children = [g.id for g in self.groups.values() if g.parent_id in frontier]
+                found.extend(children)
+                frontier = children
+            return found
+
+    # -- pipelines and jobs ---------------------------------------------------------------------
+
+    def add_pipeline(
+        self,
+        project_id: int,
+        *,
+        status: str = "success",
+        source: str = "push",
+        ref: str = "main",
+        sha: str | None = None,
+        user: dict[str, Any] | None = None,
+        author_email: str = "author@example.com",
+        created_at: datetime | None = None,
+        finished_at: datetime | None = None,
+        jobs: Sequence[JobSpec] = (),
+        name: str | None = None,
+    ) -> Pipeline:
+        """Create a pipeline with its jobs (ids ascending in stage order, as GitLab creates them).
+
+        Times default to a plausible run: a finished pipeline ended now (or at ``finished_at``) and
+        started a minute or a few earlier; jobs of stage *i* of *n* ran in the *i*-th slice of it.
+        ``author_email`` is the commit's author (``GET .../repository/commits/:sha``).
+        """
+        _check_status(status)
+        if source not in PIPELINE_SOURCES:
+            raise ValueError(f"unknown pipeline source {source!r}")
+        with self.lock:
+            project = self._project(project_id)
+            now = self.now()
+            specs = _stage_sorted(jobs)
+            stages = list(dict.fromkeys(s.stage for s in specs))
+            finished = status in FINISHED_STATUSES
+            started = status not in _PIPELINE_NOT_STARTED
+            span = timedelta(seconds=60 + 45 * max(1, len(stages)))
+            if finished_at is not None and not finished:
+                raise ValueError(f"finished_at given for a pipeline with status {status!r}")
+            created_at = _aware(created_at) if created_at is not None else None
+            finished_at = _aware(finished_at) if finished_at is not None else None
+            if created_at is None:
+                if finished_at is not None:
+                    created_at = finished_at - span
+                elif finished:
+                    created_at = now - span
+                else:
+                    created_at = now - timedelta(seconds=30) if started else now
+            if finished and finished_at is None:
+                finished_at = min(created_at + span, max(now, created_at + timedelta(seconds=1)))
+            started_at = created_at + timedelta(milliseconds=800) if started else None
+            if started_at is not None and finished_at is not None and started_at > finished_at:
+                started_at = created_at
+            iid = self._next_iid.get(project_id, 0) + 1
+            self._next_iid[project_id] = iid
+            sha = sha or _hex(project_id, ref, iid)
+            previous = self._project_pipelines[project_id]
+            before_sha = self.pipelines[previous[-1]].sha if previous else "0" * 40
+            pipeline = Pipeline(
+                id=self._next_pipeline,
+                iid=iid,
+                project_id=project_id,
+                status=status,
+                source=source,
+                ref=ref,
+                sha=sha,
+                created_at=created_at,
+                updated_at=finished_at or started_at or created_at,
+                started_at=started_at,
+                finished_at=finished_at,
+                user=self.basic_user(user) if user is not None else dict(self.current_user),
+                name=name,
+                before_sha=before_sha if source == "push" else "0" * 40,
+                duration=_whole_seconds(started_at, finished_at),
+                stages=stages,
+            )
+            self._next_pipeline += 1
+            self.pipelines[pipeline.id] = pipeline
+            previous.append(pipeline.id)
+            self._ensure_commit(project, sha, author_email, created_at, before_sha)
+            slots: dict[str, int] = {}
+            for spec in specs:
+                slot = slots.get(spec.stage, 0)
+                slots[spec.stage] = slot + 1
+                self._create_job(pipeline, spec.name, spec.stage, spec.status, spec.log, slot, spec.allow_failure)
+            return pipeline
+
+    def add_job(
+        self,
+        pipeline_id: int,
+        name: str,
+        stage: str = "test",
+        status: str = "success",
+        log: Log = None,
+        retried_from: int | None = None,
+    ) -> Job:
+        """Add a job to a pipeline. ``retried_from``: the older attempt this one replaces (then hidden
+        from the jobs list unless ``include_retried=true``); the new attempt is timed now."""
+        _check_status(status)
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            if stage not in pipeline.stages:
+                pipeline.stages.append(stage)
+            if retried_from is not None:
+                old = self._job(retried_from)
+                if old.pipeline_id != pipeline_id:
+                    raise ValueError(f"job {retried_from} is not in pipeline {pipeline_id}")
+                old.retried = True
+                return self._create_job(pipeline, name, stage, status, log, 0, old.allow_failure,
+                                        retried_from=retried_from, at=self.now())
+            slot = sum(1 for j in pipeline.job_ids if self.jobs[j].stage == stage)
+            return self._create_job(pipeline, name, stage, status, log, slot, None)
+
+    def add_bridge(
+        self,
+        pipeline_id: int,
+        name: str,
+        stage: str = "child",
+        downstream_pipeline_id: int | None = None,
+        status: str = "success",
+    ) -> Bridge:
+        """Add a trigger job. Bridges are not in the jobs list; ``downstream_pipeline_id`` may be any
+        project's pipeline (multi-project) or None (downstream never created)."""
+        _check_status(status)
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            if downstream_pipeline_id is not None:
+                self._pipeline(downstream_pipeline_id)
+            if stage not in pipeline.stages:
+                pipeline.stages.append(stage)
+            created, started, finished, queued = self._job_times(pipeline, stage, 0, status)
+            bridge = Bridge(
+                id=self._take_job_id(),
+                pipeline_id=pipeline.id,
+                name=name,
+                stage=stage,
+                status=status,
+                created_at=created,
+                started_at=started,
+                finished_at=finished,
+                downstream_pipeline_id=downstream_pipeline_id,
+                project_id=pipeline.project_id,
+                queued_duration=queued,
+                failure_reason=_bridge_failure(status, downstream_pipeline_id),
+            )
+            self.bridges[bridge.id] = bridge
+            pipeline.bridge_ids.append(bridge.id)
+            return bridge
+
+    def add_child_pipeline(
+        self,
+        parent_pipeline_id: int,
+        *,
+        bridge_name: str = "trigger-child",
+        stage: str = "child",
+        status: str = "success",
+        jobs: Sequence[JobSpec] = (),
+    ) -> Pipeline:
+        """A child pipeline (``source=parent_pipeline``, same project, ref and sha) and the bridge in
+        the parent whose ``downstream_pipeline`` it is. The bridge takes the child's status."""
+        with self.lock:
+            parent = self._pipeline(parent_pipeline_id)
+            bridge = self.add_bridge(parent.id, bridge_name, stage, None, status)
+            child_created = (bridge.started_at or self.now()) + timedelta(milliseconds=150)
+            child_finished = None
+            if status in FINISHED_STATUSES and bridge.finished_at is not None and bridge.finished_at > child_created:
+                child_finished = bridge.finished_at - timedelta(milliseconds=20)
+            child = self.add_pipeline(
+                parent.project_id,
+                status=status,
+                source="parent_pipeline",
+                ref=parent.ref,
+                sha=parent.sha,
+                user=parent.user,
+                created_at=child_created,
+                finished_at=child_finished,
+                jobs=jobs,
+            )
+            child.parent_pipeline_id = parent.id
+            bridge.downstream_pipeline_id = child.id
+            bridge.failure_reason = _bridge_failure(status, child.id)
+            return child
+
+    # -- mutations ------------------------------------------------------------------------------
+
+    def finish_pipeline(self, pipeline_id: int, status: str = "success") -> Pipeline:
+        """Finish a (running) pipeline now: finished_at = now, duration computed, updated_at = now.
+
+        Unfinished jobs take ``status`` (``success`` when finishing as ``manual``); manual jobs stay
+        manual. A bridge triggering this pipeline takes its status too.
+        """
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"{status!r} is not a finished status ({sorted(FINISHED_STATUSES)})")
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            now = self.now()
+            job_status = status if status in COMPLETED_STATUSES else "success"
+            for job in self._latest_jobs(pipeline):
+                if job.status in COMPLETED_STATUSES or job.status == "manual":
+                    continue
+                self._settle(job, job_status, now)
+            for bridge_id in pipeline.bridge_ids:
+                bridge = self.bridges[bridge_id]
+                if bridge.status not in COMPLETED_STATUSES and bridge.status != "manual":
+                    self._settle(bridge, job_status, now)
+            pipeline.status = status
+            pipeline.started_at = pipeline.started_at or pipeline.created_at
+            pipeline.finished_at = now
+            pipeline.updated_at = now
+            pipeline.duration = _whole_seconds(pipeline.started_at, now)
+            for bridge in self.bridges.values():
+                if bridge.downstream_pipeline_id == pipeline.id:
+                    self._settle(bridge, job_status, now)
+                    bridge.failure_reason = _bridge_failure(bridge.status, pipeline.id)
+            return pipeline
+
+    def retry_pipeline(self, pipeline_id: int) -> Pipeline:
+        """Reopen a pipeline as GitLab's "Retry" does: every failed or canceled job gets a new attempt
+        (new higher id, same name and stage, ``running``); the old attempt is hidden unless
+        ``include_retried``. The pipeline is ``running`` again with ``finished_at`` null; its duration
+        keeps the old value (as in the real recording)."""
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            now = self.now()
+            for job in sorted(self._latest_jobs(pipeline), key=lambda j: j.id):
+                if job.status not in ("failed", "canceled"):
+                    continue
+                job.retried = True
+                self._create_job(pipeline, job.name, job.stage, "running", _next_attempt_log(job.log), 0,
+                                 job.allow_failure, retried_from=job.id, at=now)
+            pipeline.status = "running"
+            pipeline.finished_at = None
+            pipeline.updated_at = now
+            return pipeline
+
+    def touch_pipeline(self, pipeline_id: int) -> Pipeline:
+        """Move updated_at to now without any status change (GitLab does this, e.g. ~55 s after a
+        pipeline finished, in a real recording)."""
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            pipeline.updated_at = self.now()
+            return pipeline
+
+    def delete_pipeline(self, pipeline_id: int) -> None:
+        """Delete a pipeline: 404 afterwards for it, its jobs and their traces; gone from lists."""
+        with self.lock:
+            self._pipeline(pipeline_id).deleted = True
+
+    def set_job_log(self, job_id: int, log: Log) -> None:
+        """Replace a job's log."""
+        with self.lock:
+            self._job(job_id).log = log
+
+    def erase_job(self, job_id: int) -> Job:
+        """Erase a job's log and artifacts (``erased_at`` set; the trace answers 200 with no body)."""
+        with self.lock:
+            job = self._job(job_id)
+            job.erased = True
+            job.erased_at = self.now()
+            job.log = None
+            return job
+
+    # -- reading helpers ------------------------------------------------------------------------
+
+    def finished_pipelines(self) -> list[Pipeline]:
+        """Non-deleted pipelines in a finished status (including ``manual``), by id."""
+        with self.lock:
+            return sorted(
+                (p for p in self.pipelines.values() if not p.deleted and p.status in FINISHED_STATUSES),
+                key=lambda p: p.id,
+            )
+
+    def project_pipelines(self, project_id: int) -> list[Pipeline]:
+        """A project's non-deleted pipelines (children included), oldest first."""
+        with self.lock:
+            return [self.pipelines[i] for i in self._project_pipelines.get(project_id, ())
+                    if not self.pipelines[i].deleted]
+
+    def pipeline_jobs(self, pipeline_id: int, include_retried: bool = False) -> list[Job]:
+        """A pipeline's jobs, newest first (as GitLab lists them); only latest attempts by default."""
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            jobs = [self.jobs[i] for i in pipeline.job_ids]
+            if not include_retried:
+                jobs = [j for j in jobs if not j.retried]
+            return sorted(jobs, key=lambda j: j.id, reverse=True)
+
+    def pipeline_bridges(self, pipeline_id: int) -> list[Bridge]:
+        """A pipeline's bridges, newest first."""
+        with self.lock:
+            pipeline = self._pipeline(pipeline_id)
+            return sorted((self.bridges[i] for i in pipeline.bridge_ids), key=lambda b: b.id, reverse=True)
+
+    def live_pipeline(self, pipeline_id: int) -> Pipeline | None:
+        """The pipeline unless unknown or deleted."""
+        with self.lock:
+            pipeline = self.pipelines.get(pipeline_id)
+            return None if pipeline is None or pipeline.deleted else pipeline
+
+    def live_job(self, job_id: int) -> Job | None:
+        """The job unless unknown or its pipeline was deleted."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None or self.live_pipeline(job.pipeline_id) is None:
+                return None
+            return job
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _group(self, group_id: int) -> Group:
+        try:
+            return self.groups[group_id]
+        except KeyError:
+            raise KeyError(f"no group {group_id}") from None
+
+    def _project(self, project_id: int) -> Project:
+        try:
+            return self.projects[project_id]
+        except KeyError:
+            raise KeyError(f"no project {project_id}") from None
+
+    def _pipeline(self, pipeline_id: int) -> Pipeline:
+        pipeline = self.pipelines.get(pipeline_id)
+        if pipeline is None:
+            raise KeyError(f"no pipeline {pipeline_id}")
+        if pipeline.deleted:
+            raise KeyError(f"pipeline {pipeline_id} was deleted")
+        return pipeline
+
+    def _job(self, job_id: int) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise KeyError(f"no job {job_id}") from None
+
+    def _latest_jobs(self, pipeline: Pipeline) -> list[Job]:
+        return [self.jobs[i] for i in pipeline.job_ids if not self.jobs[i].retried]
+
+    def _take_job_id(self) -> int:
+        job_id = self._next_job
+        self._next_job += 1
+        return job_id
+
+    def _ensure_commit(self, project: Project, sha: str, author_email: str, created: datetime, parent: str) -> None:
+        if (project.id, sha) in self.commits:
+            return
+        author = author_email.split("@", 1)[0] or "author"
+        authored = created - timedelta(minutes=2)
+        title = f"Simulated change {sha[:8]}"
+        self.commits[(project.id, sha)] = Commit(
+            sha=sha,
+            project_id=project.id,
+            title=title,
+            message=f"{title}\n",
+            author_name=author,
+            author_email=author_email,
+            authored_date=authored,
+            committer_name=author,
+            committer_email=author_email,
+            committed_date=authored,
+            parent_ids=[parent] if parent != "0" * 40 else [_hex("parent", project.id, sha)],
+        )
+
+    def _job_times(
+        self, pipeline: Pipeline, stage: str, slot: int, status: str
+    ) -> tuple[datetime, datetime | None, datetime | None, float | None]:
+        """(created, started, finished, queued seconds) for a job of ``stage`` in the pipeline's run.
+
+        Stage *i* of *n* runs in the *i*-th slice of [started_at, finished_at or now].
+        """
+        created = pipeline.created_at
+        if status in NEVER_RAN_STATUSES:
+            return created, None, None, None
+        start = pipeline.started_at or pipeline.created_at
+        end = pipeline.finished_at or max(self.now(), start + timedelta(seconds=1))
+        n_stages = max(1, len(pipeline.stages))
+        index = pipeline.stages.index(stage) if stage in pipeline.stages else n_stages - 1
+        width = (end - start) / n_stages
+        window_start = start + width * index
+        window_end = window_start + width
+        queued = round(0.25 + 0.05 * (slot % 5), 6)
+        started = min(window_start + timedelta(seconds=queued), window_end)
+        if status in _ACTIVE_STATUSES:
+            return created, started, None, queued
+        finished = max(started, window_end - timedelta(milliseconds=10 * (slot + 1)))
+        return created, started, finished, queued
+
+    def _create_job(
+        self,
+        pipeline: Pipeline,
+        name: str,
+        stage: str,
+        status: str,
+        log: Log,
+        slot: int,
+        allow_failure: bool | None,
+        *,
+        retried_from: int | None = None,
+        at: datetime | None = None,
+    ) -> Job:
+        if at is None:
+            created, started, finished, queued = self._job_times(pipeline, stage, slot, status)
+        else:
+            # A new attempt: created now, started right away unless it never runs.
+            created = at
+            ran = status not in NEVER_RAN_STATUSES
+            started = at if ran else None
+            finished = at if ran and status not in _ACTIVE_STATUSES else None
+            queued = 0.0 if ran else None
+        job = Job(
+            id=self._take_job_id(),
+            pipeline_id=pipeline.id,
+            name=name,
+            stage=stage,
+            status=status,
+            created_at=created,
+            started_at=started,
+            finished_at=finished,
+            log=log,
+            project_id=pipeline.project_id,
+            queued_duration=queued,
+            allow_failure=(status == "manual") if allow_failure is None else allow_failure,
+            failure_reason="script_failure" if status == "failed" else None,
+            retried_from=retried_from,
+            runner_index=len(self.jobs) % 3,
+        )
+        self.jobs[job.id] = job
+        pipeline.job_ids.append(job.id)
+        return job
+
+    def _settle(self, item: Job | Bridge, status: str, now: datetime) -> None:
+        """Bring an unfinished job or bridge to rest in ``status`` at ``now``."""
+        never_started = item.started_at is None
+        item.status = status
+        if never_started and status in ("skipped", "canceled"):
+            return  # it never ran: no times
+        item.started_at = item.started_at or now
+        item.finished_at = now
+        if item.queued_duration is None:
+            item.queued_duration = 0.0
+        if isinstance(item, Job):
+            item.failure_reason = "script_failure" if status == "failed" else None
+        else:
+            item.failure_reason = _bridge_failure(status, item.downstream_pipeline_id)
+
+
+def _check_status(status: str) -> None:
+    if status not in AVAILABLE_STATUSES:
+        raise ValueError(f"unknown status {status!r}")
+
+
+def _stage_sorted(specs: Sequence[JobSpec]) -> list[JobSpec]:
+    """Specs grouped by stage in order of first appearance (stable): GitLab creates a pipeline's jobs
+    stage by stage, so ids ascend in stage order."""
+    order = {stage: i for i, stage in enumerate(dict.fromkeys(s.stage for s in specs))}
+    return sorted(specs, key=lambda s: order[s.stage])
+
+
+def _whole_seconds(start: datetime | None, end: datetime | None) -> int | None:
+    # A pipeline's duration is whole seconds (an integer in the API), a job's is a float.
+    if start is None or end is None:
+        return None
+    return max(0, int((end - start).total_seconds()))
+
+
+def _bridge_failure(status: str, downstream_id: int | None) -> str | None:
+    # As recorded: a bridge whose downstream was never created fails with
+    # downstream_pipeline_creation_failed; one whose downstream failed says unknown_failure.
+    if status != "failed":
+        return None
+    return "downstream_pipeline_creation_failed" if downstream_id is None else "unknown_failure"
+
+
+def _next_attempt_log(log: Log) -> Log:
+    """A retried job writes a new log: a generated one gets a new seed, a literal one is reused."""
+    if isinstance(log, LogSpec):
+        return dataclasses.replace(log, seed=log.seed + 1)
+    return log

@@ -1,0 +1,226 @@
+"""Durable state in ``STATE_DIR/state.sqlite3``: per-project cursors and what was shipped.
+
+SQLite in WAL mode with ``synchronous=FULL``: every change is one transaction, so a kill -9 at any
+instant leaves either the old or the new state, never a mix. A store that cannot be opened or fails its
+integrity check raises :class:`StateError`; the daemon stops with that message rather than silently
+starting over (which would re-ship or, worse, skip history).
+
+What is stored:
+
+* ``cursors``: per project, the ``updated_at`` high-water mark up to which every pipeline was handled.
+* ``pipelines``: per pipeline, the list row (status, ``updated_at``) last handled — lets a poll skip a row
+  seen again in the overlap window without another request — and the finish last shipped
+  (``status|finished_at``), which is what makes "each distinct finish is shipped once" true.
+* ``deliveries``: one row per shipped finish (idempotency key, outcome), for ``status`` and audits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StateError
+from .timeutil import format_ts, parse_ts
+
+SCHEMA_VERSION = 1
+# Rows of pipelines not seen for this long are pruned: GitLab's list can only return them again if their
+# updated_at moves, and then the finish key (status|finished_at) decides, which a new finish never matches.
+PIPELINE_ROW_RETENTION = timedelta(days=30)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (
+    project_id INTEGER PRIMARY KEY,
+    cursor TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pipelines (
+    project_id INTEGER NOT NULL,
+    pipeline_id INTEGER NOT NULL,
+    list_status TEXT,
+    list_updated_at TEXT,
+    shipped_finish TEXT,
+    touched_at TEXT NOT NULL,
+    PRIMARY KEY (project_id, pipeline_id)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id INTEGER NOT NULL,
+    pipeline_id INTEGER NOT NULL,
+    finish TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    delivered_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_pipeline ON deliveries (project_id, pipeline_id);
+"""
+
+RECOVERY_HINT = (
+    "Stop the shipper, move the state folder aside (keep it for inspection) and start again with "
+    "INITIAL_LOOKBACK covering the time since the last good run; pipelines shipped twice carry the same "
+    "Idempotency-Key. See OPERATIONS.md, 'Recovering the state store'."
+)
+
+
+@dataclass(frozen=True)
+class SeenRow:
+    list_status: str | None
+    list_updated_at: str | None
+    shipped_finish: str | None
+
+
+class StateStore:
+    """The shipper's persistent memory. Safe to share between threads (one connection, one lock)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "state.sqlite3"
+        self._lock = threading.RLock()
+        try:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StateError(f"state store {self.path} failed its integrity check ({check}). {RECOVERY_HINT}")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StateError(
+                    f"state store {self.path} was written by a newer gitlab-log-shipper "
+                    f"(schema {row[0]} > {SCHEMA_VERSION}); upgrade, or roll back the state folder too"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state store {self.path} is unreadable or corrupt ({exc}). {RECOVERY_HINT}") from exc
+        except OSError as exc:
+            raise StateError(f"cannot open state store {self.path}: {exc.strerror or exc}") from exc
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, store: "StateStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            self.store._db.execute("BEGIN IMMEDIATE")
+            return self.store._db
+
+        def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+            try:
+                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _tx(self) -> "StateStore._Tx":
+        return StateStore._Tx(self)
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StateError(f"state store {self.path}: {exc}. {RECOVERY_HINT}") from exc
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> None:
+        try:
+            with self._tx() as db:
+                for sql, params in statements:
+                    db.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state store {self.path}: {exc}. {RECOVERY_HINT}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- cursors --------------------------------------------------------------------------------
+
+    def get_cursor(self, project_id: int) -> datetime | None:
+        rows = self._query("SELECT cursor FROM cursors WHERE project_id=?", (project_id,))
+        return parse_ts(rows[0][0]) if rows else None
+
+    def set_cursor(self, project_id: int, cursor: datetime) -> None:
+        self._write([("INSERT INTO cursors VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET cursor=excluded.cursor",
+                      (project_id, format_ts(cursor)))])
+
+    def cursors(self) -> dict[int, datetime]:
+        return {pid: parse_ts(c) for pid, c in self._query("SELECT project_id, cursor FROM cursors")}
+
+    # -- pipelines ------------------------------------------------------------------------------
+
+    def seen(self, project_id: int, pipeline_id: int) -> SeenRow | None:
+        rows = self._query(
+            "SELECT list_status, list_updated_at, shipped_finish FROM pipelines WHERE project_id=? AND pipeline_id=?",
+            (project_id, pipeline_id),
+        )
+        return SeenRow(*rows[0]) if rows else None
+
+    def mark_handled(self, project_id: int, pipeline_id: int, list_status: str, list_updated_at: str, now: datetime) -> None:
+        """The list row (status, updated_at) needs nothing more: skip it while it looks the same."""
+        self._write([(
+            "INSERT INTO pipelines (project_id, pipeline_id, list_status, list_updated_at, touched_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
+            "list_status=excluded.list_status, list_updated_at=excluded.list_updated_at, touched_at=excluded.touched_at",
+            (project_id, pipeline_id, list_status, list_updated_at, format_ts(now)),
+        )])
+
+    def record_shipped(
+        self,
+        project_id: int,
+        pipeline_id: int,
+        finish: str,
+        idempotency_key: str,
+        outcome: str,
+        now: datetime,
+        list_row: tuple[str, str] | None = None,
+    ) -> None:
+        """One transaction: the finish counts as shipped and (optionally) the list row as handled."""
+        status, updated_at = list_row if list_row else (None, None)
+        self._write([
+            (
+                "INSERT INTO pipelines (project_id, pipeline_id, list_status, list_updated_at, shipped_finish, touched_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
+                "shipped_finish=excluded.shipped_finish, touched_at=excluded.touched_at, "
+                "list_status=COALESCE(excluded.list_status, list_status), "
+                "list_updated_at=COALESCE(excluded.list_updated_at, list_updated_at)",
+                (project_id, pipeline_id, status, updated_at, finish, format_ts(now)),
+            ),
+            (
+                "INSERT INTO deliveries (project_id, pipeline_id, finish, idempotency_key, outcome, delivered_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (project_id, pipeline_id, finish, idempotency_key, outcome, format_ts(now)),
+            ),
+        ])
+
+    def is_shipped(self, project_id: int, pipeline_id: int, finish: str) -> bool:
+        row = self.seen(project_id, pipeline_id)
+        return row is not None and row.shipped_finish == finish
+
+    def deliveries(self, limit: int = 100) -> list[dict[str, object]]:
+        rows = self._query(
+            "SELECT project_id, pipeline_id, finish, idempotency_key, outcome, delivered_at FROM deliveries "
+            "ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        keys = ("project_id", "pipeline_id", "finish", "idempotency_key", "outcome", "delivered_at")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def prune(self, now: datetime) -> int:
+        """Forget pipeline rows and delivery records older than the retention; keeps the store bounded."""
+        horizon = format_ts(now - PIPELINE_ROW_RETENTION)
+        with self._lock:
+            before = self._db.total_changes
+            self._write([
+                ("DELETE FROM pipelines WHERE touched_at < ?", (horizon,)),
+                ("DELETE FROM deliveries WHERE delivered_at < ?", (horizon,)),
+            ])
+            return self._db.total_changes - before
+
+    def iter_pipelines(self) -> Iterator[tuple]:
+        yield from self._query("SELECT project_id, pipeline_id, list_status, list_updated_at, shipped_finish FROM pipelines")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Quick start: install into .venv, then run `gitlab-log-shipper run --once` against the bundled GitLab
+# simulator and a local receiver, and show the document and the api-requests.log lines it produced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install --quiet -e .
+exec "$VENV/bin/python" scripts/demo.py

@@ -1,0 +1,83 @@
+"""The document's pure parts and its streaming writer."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from gitlab_log_shipper.payload import (
+    JobLog,
+    document_header,
+    finish_key,
+    idempotency_key,
+    job_fields,
+    latest_attempts,
+    pipeline_type,
+    stage_order,
+    user_of,
+    write_document,
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("merge_request_event", "merge_request"), ("parent_pipeline", "child"), ("push", "main"), ("web", "main"),
+     ("schedule", "main"), ("trigger", "main"), ("api", "main"), ("pipeline", "unknown"), (None, "unknown")],
+)
+def test_pipeline_type(source: str | None, expected: str) -> None:
+    assert pipeline_type(source) == expected
+
+
+def test_latest_attempts_and_stage_order_survive_retries() -> None:
+    # GitLab lists newest first; "build" was retried, so its newest attempt has the highest id.
+    jobs = [
+        {"id": 40, "name": "build", "stage": "build", "status": "success"},
+        {"id": 31, "name": "deploy", "stage": "deploy", "status": "success"},
+        {"id": 30, "name": "unit", "stage": "test", "status": "success"},
+        {"id": 20, "name": "build", "stage": "build", "status": "failed"},
+    ]
+    latest = latest_attempts(jobs)
+    assert [j["id"] for j in latest] == [40, 30, 31]  # pipeline order, newest attempt of build
+    assert stage_order(jobs) == ["build", "test", "deploy"]
+
+
+def test_finish_and_idempotency_keys_are_stable_per_finish() -> None:
+    first = finish_key("failed", "2026-10-01T10:45:42.636Z")
+    again = finish_key("failed", "2026-10-01T10:45:42.636Z")
+    retried = finish_key("success", "2026-10-01T11:00:00.000Z")
+    url = "https://gitlab.example.com"
+    assert idempotency_key(url, 1, 2, first) == idempotency_key(url + "/", 1, 2, again)
+    assert idempotency_key(url, 1, 2, first) != idempotency_key(url, 1, 2, retried)
+    assert idempotency_key(url, 1, 2, first) != idempotency_key(url, 1, 3, first)
+
+
+def test_user_email_falls_back_to_commit_author() -> None:
+    assert user_of({"user": {"name": "A", "public_email": "a@x"}}, "c@x") == {"name": "A", "email": "a@x"}
+    assert user_of({"user": {"name": "A", "public_email": ""}}, "c@x") == {"name": "A", "email": "c@x"}
+    assert user_of({"user": {"name": "A", "public_email": ""}}, None) == {"name": "A", "email": None}
+    assert user_of({"user": None}, "c@x") is None
+
+
+def test_write_document_streams_valid_json_in_design_order(tmp_path: Path) -> None:
+    log1 = tmp_path / "a.log"
+    # invalid UTF-8, a multi-byte char split across the writer's chunk boundary, quotes, control chars
+    content = b"\x1b[0Ksection_start:1:x\r\x1b[0K\"quoted\" \xff\xfe end " + "é".encode() * 200_000
+    log1.write_bytes(content)
+    header = document_header("app", {"id": 9, "project_id": 7, "status": "success", "ref": "main", "sha": "abc",
+                                      "source": "push", "created_at": "c", "finished_at": "f", "duration": 3},
+                             {"name": "N", "email": None}, ["build"])
+    job = {"id": 5, "name": "build:prod", "status": "success", "stage": "build", "created_at": "c",
+           "started_at": "s", "finished_at": "f", "duration": 1.5, "ref": "main"}
+    out = io.BytesIO()
+    write_document(out, header, [JobLog(job_fields(job), log1), JobLog(job_fields({**job, "id": 6}), None)])
+    doc = json.loads(out.getvalue())
+    assert list(doc) == ["pipeline_id", "project_id", "project_name", "status", "ref", "sha", "source", "pipeline_type",
+                         "created_at", "finished_at", "duration", "user", "stages", "jobs"]
+    assert list(doc["jobs"][0]) == ["job_id", "job_name", "log_content", "status", "stage", "created_at", "started_at",
+                                    "finished_at", "duration", "ref"]
+    assert doc["jobs"][0]["log_content"] == content.decode("utf-8", errors="replace")
+    assert doc["jobs"][1]["log_content"] == ""
+    assert doc["pipeline_type"] == "main"
