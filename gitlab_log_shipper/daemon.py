@@ -10,6 +10,7 @@ from typing import Callable
 
 import schedule
 
+from .errors import StateError
 from .shipper import CycleReport, Shipper
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,13 @@ def run_forever(shipper: Shipper, interval: float, *, on_cycle: Callable[[CycleR
     scheduler = schedule.Scheduler()
 
     def cycle() -> None:
-        report = shipper.run_cycle()
+        try:
+            report = shipper.run_cycle()
+        except StateError:
+            raise  # the record of what was shipped is unusable: stop rather than guess
+        except Exception:  # a bug or an answer nobody foresaw must not end the daemon
+            log.exception("poll cycle failed unexpectedly; trying again in %s s", interval)
+            return
         if on_cycle:
             on_cycle(report)
 

@@ -14,6 +14,7 @@ injected ``clock``. One poll of a project:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -99,6 +100,23 @@ class CycleReport:
         return " ".join(parts) or "nothing to do"
 
 
+def _remove_dead_spools(root: Path) -> None:
+    """Spool folders (one per process id) of processes that are gone hold only copies of GitLab data."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            os.kill(int(entry.name), 0)
+            continue  # that process is alive (another command on the same STATE_DIR)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 class Shipper:
     """Owns one configuration's source, state, poster and file output."""
 
@@ -118,7 +136,8 @@ class Shipper:
         self.source = source or GitLabSource(config)
         self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
         self.files = FileOutput(config.log_output_dir) if config.writes_files else None
-        self.spool_root = config.state_dir / "spool"
+        self.spool_root = config.state_dir / "spool" / str(os.getpid())
+        _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
 
@@ -126,6 +145,7 @@ class Shipper:
         return f"Shipper(gitlab={self.config.gitlab_url!r}, mode={self.config.mode!r})"
 
     def close(self) -> None:
+        shutil.rmtree(self.spool_root, ignore_errors=True)
         if self.poster:
             self.poster.close()
         self.source.close()
