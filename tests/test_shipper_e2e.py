@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
-from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
 
@@ -253,3 +252,63 @@ def test_gitlab_errors_are_logged_and_the_cycle_goes_on(tmp_path: Path, world: W
     assert "401" in bad.output and "Traceback" not in bad.output
     assert env.invoke("run", "--once").exit_code == 0
     assert [d["pipeline_id"] for d in documents(receiver)] == [pipeline.id]
+
+
+@pytest.mark.parametrize("always", ["true", "false"])
+def test_metadata_always_for_status_filtered_pipelines(always: str, tmp_path: Path, world: World,
+                                                       gitlab_sim: GitLabSimulator) -> None:
+    project = world.add_project("team/app", name="app")
+    kept = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    dropped = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("b", "build", "failed", log="b\n")])
+    env = make_env(tmp_path, gitlab_sim, None, LOG_SAVE_PIPELINE_STATUS="success", LOG_SAVE_METADATA_ALWAYS=always)
+    gitlab_sim.reset_counters()
+    assert env.invoke("run", "--once").exit_code == 0
+    project_dir = env.output / f"app_{project.id}"
+    assert (project_dir / f"pipeline_{kept.id}" / "metadata.json").is_file()
+    dropped_dir = project_dir / f"pipeline_{dropped.id}"
+    if always == "true":
+        meta = json.loads((dropped_dir / "metadata.json").read_text("utf-8"))
+        assert meta["status"] == "failed" and meta["jobs"] == {} and meta["stages"] == ["build"]
+        assert sorted(p.name for p in dropped_dir.iterdir()) == ["metadata.json"]  # no logs
+    else:
+        assert not dropped_dir.exists()
+    assert gitlab_sim.counters["trace"] == 1  # only the kept pipeline's log was fetched
+
+
+def test_groups_and_projects_select_what_is_polled(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator,
+                                                   receiver: Receiver) -> None:
+    acme = world.add_group("acme")
+    sub = world.add_group("platform", parent_id=acme.id)
+    other = world.add_group("other")
+    in_group = world.add_project("web", group_id=acme.id)
+    in_subgroup = world.add_project("api", group_id=sub.id)
+    elsewhere = world.add_project("tool", group_id=other.id)
+    named = world.add_project("named", group_id=other.id)
+    not_member = world.add_project("foreign", member=False)
+    ids = {}
+    for project in (in_group, in_subgroup, elsewhere, named, not_member):
+        ids[project.id] = world.add_pipeline(project.id, status="success", jobs=[JobSpec("j", "test", "success", log="x\n")]).id
+
+    env = make_env(tmp_path / "groups", gitlab_sim, receiver, GITLAB_GROUPS="acme",
+                   GITLAB_PROJECTS=named.path_with_namespace)
+    assert env.invoke("run", "--once").exit_code == 0
+    assert {d["project_id"] for d in documents(receiver)} == {in_group.id, in_subgroup.id, named.id}
+
+    receiver.clear()
+    members = make_env(tmp_path / "members", gitlab_sim, receiver)  # neither set: the token's memberships
+    assert members.invoke("run", "--once").exit_code == 0
+    assert {d["project_id"] for d in documents(receiver)} == {in_group.id, in_subgroup.id, elsewhere.id, named.id}
+
+
+def test_pipeline_deleted_between_listing_and_fetching_is_skipped(tmp_path: Path, world: World,
+                                                                 gitlab_sim: GitLabSimulator, receiver: Receiver) -> None:
+    project = world.add_project("team/app")
+    doomed = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    fine = world.add_pipeline(project.id, status="success", jobs=[JobSpec("b", "test", "success", log="b\n")])
+    gitlab_sim.inject("pipeline", 404, count=1, body='{"message": "404 Not found"}')
+    env = make_env(tmp_path, gitlab_sim, receiver)
+    result = env.invoke("run", "--once")
+    assert result.exit_code == 0, result.output
+    assert "deleted in GitLab" in result.output
+    assert [d["pipeline_id"] for d in documents(receiver)] == [fine.id]
+    assert f"pipeline {doomed.id} " in result.output
