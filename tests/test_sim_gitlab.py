@@ -379,6 +379,7 @@ def test_error_rate_answers_listed_statuses_with_an_html_page() -> None:
         assert r.status_code in (502, 503) and r.headers["Content-Type"] == "text/html"
         assert "<html>" in r.text
         assert sim.counters["version"] == 41
+        assert sim.faults_served["error_page"] == 41 - statuses.count(200)
 
 
 def test_rate_limit_answers_429_with_headers_then_recovers(api: Api) -> None:
@@ -409,6 +410,7 @@ def test_drop_trace_after_breaks_the_stream_once_per_job(world: World, api: Api)
         api.get(path)
     again = api.get(path)  # once per job: the retry gets the whole log
     assert len(again.content) == 500_000
+    assert api.sim.faults_served["dropped_trace"] == 1
     api.sim.faults.drop_trace_always = True
     for _ in range(2):
         with pytest.raises(requests.exceptions.ChunkedEncodingError):
@@ -426,10 +428,12 @@ def test_counters_bytes_and_reset(world: World, api: Api) -> None:
     api.get(f"/projects/{project.id}/pipelines/{pipeline.id}")
     trace = api.get(f"/projects/{project.id}/jobs/{pipeline.job_ids[0]}/trace")
     api.get("/nowhere")
-    assert api.sim.counters == {"pipelines": 1, "pipeline": 1, "trace": 1, "unknown": 1}
+    Api(api.sim, token="glpat-wrong").get("/version")
+    assert api.sim.counters == {"pipelines": 1, "pipeline": 1, "trace": 1, "unknown": 1, "version": 1}
+    assert api.sim.faults_served == {"unauthorized": 1}
     assert api.sim.bytes_sent > len(trace.content) == 10_000
     api.sim.reset_counters()
-    assert api.sim.counters == {} and api.sim.bytes_sent == 0
+    assert api.sim.counters == {} and api.sim.faults_served == {} and api.sim.bytes_sent == 0
 
 
 def test_inject_answers_the_next_requests(world: World, api: Api) -> None:
@@ -446,5 +450,6 @@ def test_inject_answers_the_next_requests(world: World, api: Api) -> None:
     r = api.get(f"/projects/{project.id}/jobs/1/trace")
     assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     assert api.sim.counters["pipelines"] == 3 and api.sim.counters["version"] == 2
+    assert api.sim.faults_served["injected"] == 5
     with pytest.raises(ValueError):
         api.sim.inject("pipelinez", 500)

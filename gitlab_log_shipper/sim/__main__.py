@@ -238,7 +238,8 @@ def generate_world(
             newest = pipeline
         if newest is not None:
             log_seed += 1
-            world.add_child_pipeline(newest.id, jobs=[JobSpec("child-test", "test", "success", LogSpec(log_size, seed=log_seed))])
+            child_job = JobSpec("child-test", "test", "success", LogSpec(log_size, seed=log_seed))
+            world.add_child_pipeline(newest.id, jobs=[child_job])
     return world
 
 

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -826,8 +827,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up (timeouts, resets, our own dropped traces) are normal: stay quiet.
-        import sys
-
         exc = sys.exc_info()[1]
         if isinstance(exc, (*_DISCONNECTS, OSError)):
             return
@@ -964,6 +963,9 @@ class GitLabSimulator:
         self.port = port
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()
+        # Faults actually served, by kind: "injected", "rate_limited", "error_page", "unauthorized",
+        # "dropped_trace". Lets a test check that the failure it set up really happened.
+        self.faults_served: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         # Base of pagination Link URLs when it must differ from ``url`` (GitLab behind a proxy that
         # rewrites hosts: python-gitlab's keep_base_url case). None: the simulator's own url.
@@ -1040,9 +1042,10 @@ class GitLabSimulator:
             self._injections.append(_Injection(endpoint, status, count, headers, body))
 
     def reset_counters(self) -> None:
-        """Zero :attr:`counters` and :attr:`bytes_sent`."""
+        """Zero :attr:`counters`, :attr:`faults_served` and :attr:`bytes_sent`."""
         with self._stats_lock:
             self.counters.clear()
+            self.faults_served.clear()
             self.bytes_sent = 0
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -1050,6 +1053,11 @@ class GitLabSimulator:
     def _count(self, endpoint: str) -> None:
         with self._stats_lock:
             self.counters[endpoint] += 1
+
+    def _note_fault(self, kind: str, endpoint: str, detail: object) -> None:
+        with self._stats_lock:
+            self.faults_served[kind] += 1
+        logger.debug("GitLab simulator: %s on %s (%s)", kind, endpoint, detail)
 
     def _add_bytes(self, n: int) -> None:
         with self._stats_lock:
@@ -1104,13 +1112,16 @@ class GitLabSimulator:
         rate = self._rate_tick(now)
         injection = self._take_injection(endpoint)
         if injection is not None:
+            self._note_fault("injected", endpoint, injection.status)
             self._send_injected(handler, injection, rate, now)
             return
         if rate.throttled:
+            self._note_fault("rate_limited", endpoint, f"{rate.observed} > {rate.limit}")
             self._send_429(handler, rate, now, bare=self.faults.bare_429)
             return
         error = self.faults.pick_error()
         if error is not None:
+            self._note_fault("error_page", endpoint, error)
             handler.send_body(error, _error_page(error), {"Content-Type": "text/html"})
             return
         rate_headers = rate.headers(now)
@@ -1119,6 +1130,7 @@ class GitLabSimulator:
             handler.send_json(404, {"error": "404 Not Found"}, rate_headers)
             return
         if not self._authorized(handler, params):
+            self._note_fault("unauthorized", endpoint, "bad or missing token")
             handler.send_json(401, {"message": "401 Unauthorized"}, rate_headers)
             return
         try:
@@ -1464,6 +1476,8 @@ class GitLabSimulator:
             size = log_size(log)
             job_id = job.id
         drop_at = self._should_drop(job_id, size)
+        if drop_at is not None:
+            self._note_fault("dropped_trace", "trace", f"job {job_id} after {drop_at} of {size} bytes")
         headers = handler._common_headers()
         headers.update(rate_headers)
         headers.update({

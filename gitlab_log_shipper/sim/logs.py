@@ -27,7 +27,11 @@ _BLOCK_TARGET = 64 * 1024
 """Approximate size of one pre-rendered body block."""
 
 _POOL_SIZE = 16
-"""Distinct body blocks per spec; enough variety that a log does not look like one block repeated."""
+"""Distinct body blocks per pool; enough variety that a log does not look like one block repeated."""
+
+_POOL_SEEDS = 8
+"""Seeds share a few block pools (1 MiB each, cached): a world of thousands of generated logs must not
+hold a pool per log. Logs still differ per seed: the block sequence and the frame use the full seed."""
 
 # Fixed-length placeholders, replaced per block with the block's own times. They must keep their
 # length so every block keeps a known size (the log must be exactly ``size`` bytes).
@@ -121,7 +125,7 @@ class LogSpec:
             yield (header + footer)[: self.size]
             return
         yield header
-        pool = _block_pool(self.seed, self.ansi, self.sections, self.invalid_utf8, self.timestamps)
+        pool = _block_pool(self.seed % _POOL_SEEDS, self.ansi, self.sections, self.invalid_utf8, self.timestamps)
         rng = random.Random(self.seed * 1_000_003 + 17)
         remaining = body_size - 1  # the body always ends with the newline that closes its last line
         index = 0
@@ -282,7 +286,7 @@ def _frame(seed: int, ansi: bool, sections: bool, timestamps: bool) -> tuple[byt
     return header, footer
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _block_pool(seed: int, ansi: bool, sections: bool, invalid_utf8: bool, timestamps: bool) -> tuple[bytes, ...]:
     """A few ~64 KiB blocks of job output; placeholders stand where per-block times go."""
     rng = random.Random(seed * 7919 + 1)
