@@ -7,8 +7,9 @@ Each command parses, calls one library function and formats the result. This is 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable, TypeVar
+from typing import Iterator, NoReturn
 
 import click
 
@@ -20,10 +21,7 @@ from .logsetup import setup_logging
 from .shipper import FAILED, SHIPPED, CycleReport, ShipResult, Shipper
 from .timeutil import parse_ts, utcnow
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(exc: ShipperError) -> None:
+def _fail(exc: ShipperError) -> NoReturn:
     prefix = "configuration error" if isinstance(exc, ConfigError) else "error"
     click.echo(f"gitlab-log-shipper: {prefix}: {exc}", err=True)
     sys.exit(exc.exit_code)
@@ -34,11 +32,25 @@ def _load(ctx: click.Context) -> Config:
         config = load_config(ctx.obj.get("env_file"))
     except ConfigError as exc:
         _fail(exc)
-        raise AssertionError("unreachable")
     setup_logging(config)
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
     return config
+
+
+@contextmanager
+def _shipper(config: Config) -> Iterator[Shipper]:
+    """A Shipper for one command; ShipperErrors become a message and an exit code, resources are released."""
+    try:
+        shipper = Shipper(config)
+    except ShipperError as exc:
+        _fail(exc)
+    try:
+        yield shipper
+    except ShipperError as exc:
+        _fail(exc)
+    finally:
+        shipper.close()
 
 
 def _parse_when(value: str, option: str, now: datetime) -> datetime:
@@ -74,22 +86,13 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 def run(ctx: click.Context, once: bool) -> None:
     """Poll GitLab every POLL_INTERVAL seconds and ship finished pipelines (the daemon)."""
     config = _load(ctx)
-    try:
-        shipper = Shipper(config)
-    except ShipperError as exc:
-        _fail(exc)
-        return
-    try:
+    with _shipper(config) as shipper:
         if once:
             report = shipper.run_cycle()
             _print_report(report)
             sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
         install_signal_handlers(shipper.stop)
         run_forever(shipper, config.poll_interval)
-    except ShipperError as exc:
-        _fail(exc)
-    finally:
-        shipper.close()
 
 
 @main.command()
@@ -105,22 +108,12 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
     until = _parse_when(until_text, "--until", now) if until_text else now
     if since > until:
         raise click.BadParameter("--since is after --until", param_hint="--since")
-    config = _load(ctx)
-    try:
-        shipper = Shipper(config)
-    except ShipperError as exc:
-        _fail(exc)
-        return
-    try:
+    with _shipper(_load(ctx)) as shipper:
         projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
         click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)", err=True)
         report = shipper.backfill(since, until, projects, force=force, progress=_print_progress)
         _print_report(report)
         sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
-    except ShipperError as exc:
-        _fail(exc)
-    finally:
-        shipper.close()
 
 
 @main.command()
@@ -129,20 +122,10 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
 @click.pass_context
 def post(ctx: click.Context, pipeline_id: int, project_ref: str | None) -> None:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
-    config = _load(ctx)
-    try:
-        shipper = Shipper(config)
-    except ShipperError as exc:
-        _fail(exc)
-        return
-    try:
+    with _shipper(_load(ctx)) as shipper:
         result = shipper.post_pipeline(pipeline_id, project_ref)
         _print_progress(result)
         sys.exit(0 if result.outcome == SHIPPED else 1)
-    except ShipperError as exc:
-        _fail(exc)
-    finally:
-        shipper.close()
 
 
 def _print_progress(result: ShipResult) -> None:
