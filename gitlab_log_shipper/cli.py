@@ -17,8 +17,9 @@ from . import __version__
 from .config import Config, load_config, parse_duration
 from .daemon import install_signal_handlers, run_forever
 from .errors import ConfigError, ShipperError
+from .lock import InstanceLock
 from .logsetup import setup_logging
-from .shipper import FAILED, SHIPPED, CycleReport, ShipResult, Shipper
+from .shipper import SHIPPED, CycleReport, ShipResult, Shipper
 from .timeutil import parse_ts, utcnow
 
 def _fail(exc: ShipperError) -> NoReturn:
@@ -51,6 +52,19 @@ def _shipper(config: Config) -> Iterator[Shipper]:
         _fail(exc)
     finally:
         shipper.close()
+
+
+@contextmanager
+def _locked(config: Config) -> Iterator[None]:
+    """Hold STATE_DIR's instance lock (a second daemon exits 2)."""
+    try:
+        lock = InstanceLock(config.state_dir).acquire()
+    except ShipperError as exc:
+        _fail(exc)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _parse_when(value: str, option: str, now: datetime) -> datetime:
@@ -86,11 +100,13 @@ def main(ctx: click.Context, env_file: str | None) -> None:
 def run(ctx: click.Context, once: bool) -> None:
     """Poll GitLab every POLL_INTERVAL seconds and ship finished pipelines (the daemon)."""
     config = _load(ctx)
-    with _shipper(config) as shipper:
+    with _locked(config), _shipper(config) as shipper:
+        if shipper.delivery is not None:
+            shipper.delivery.reconcile()
         if once:
             report = shipper.run_cycle()
             _print_report(report)
-            sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
+            sys.exit(0 if report.complete else 1)
         install_signal_handlers(shipper.stop)
         run_forever(shipper, config.poll_interval)
 
@@ -113,7 +129,7 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
         click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)", err=True)
         report = shipper.backfill(since, until, projects, force=force, progress=_print_progress)
         _print_report(report)
-        sys.exit(1 if report.counts[FAILED] or report.project_errors else 0)
+        sys.exit(0 if report.complete else 1)
 
 
 @main.command()
@@ -126,6 +142,25 @@ def post(ctx: click.Context, pipeline_id: int, project_ref: str | None) -> None:
         result = shipper.post_pipeline(pipeline_id, project_ref)
         _print_progress(result)
         sys.exit(0 if result.outcome == SHIPPED else 1)
+
+
+@main.command()
+@click.option("--pipeline-id", type=click.IntRange(min=1), default=None, help="Only this pipeline's dead letters.")
+@click.pass_context
+def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
+    """POST the dead-lettered documents again (after fixing what the receiver rejected them for)."""
+    config = _load(ctx)
+    if not config.posts:
+        raise click.UsageError("redeliver needs API_POST_ENABLED=true")
+    with _locked(config), _shipper(config) as shipper:
+        assert shipper.delivery is not None
+        results = shipper.delivery.redeliver(pipeline_id)
+        for meta, post in results:
+            verdict = "delivered" if post.ok else f"still failing: {post.status or 'no answer'} {post.error or ''}".strip()
+            click.echo(f"pipeline {meta['pipeline_id']} (project {meta['project_id']}): {verdict}")
+        left = len(shipper.delivery.dead_letters())
+        click.echo(f"summary: redelivered={sum(1 for _, p in results if p.ok)} dead_letters_left={left}")
+        sys.exit(0 if all(p.ok for _, p in results) else 1)
 
 
 def _print_progress(result: ShipResult) -> None:

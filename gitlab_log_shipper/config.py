@@ -73,6 +73,10 @@ class Config:
     api_post_retry_enabled: bool = True
     api_post_save_to_file: bool = False
 
+    outbox_max_bytes: int = 5 * 1024**3
+    outbox_max_age: float = 7 * 86400.0
+    outbox_retry_max: float = 900.0
+
     ignored_variables: tuple[str, ...] = ()
 
     @property
@@ -149,6 +153,21 @@ def _duration(name: str, raw: str, *, minimum: float) -> float:
     if seconds < minimum:
         raise ConfigError(name, f"must be at least {minimum:g} seconds, got {raw!r}")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _size(name: str, raw: str, *, minimum: int) -> int:
+    """``1048576``, ``500M``, ``5G``, ``5GiB`` → bytes (binary units)."""
+    match = _SIZE.match(raw)
+    if not match:
+        raise ConfigError(name, f"expected a size in bytes or like 500M, 5G; got {raw!r}")
+    value = int(float(match.group(1)) * _UNIT_BYTES[match.group(2).lower()])
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum} bytes, got {raw!r}")
+    return value
 
 
 def _http_url(name: str, raw: str) -> str:
@@ -303,5 +322,8 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1)),
         api_post_retry_enabled=opt("API_POST_RETRY_ENABLED", "true", _bool),
         api_post_save_to_file=opt("API_POST_SAVE_TO_FILE", "false", _bool),
+        outbox_max_bytes=opt("OUTBOX_MAX_BYTES", "5G", lambda n, r: _size(n, r, minimum=1024 * 1024)),
+        outbox_max_age=opt("OUTBOX_MAX_AGE", "7d", lambda n, r: _duration(n, r, minimum=60)),
+        outbox_retry_max=opt("OUTBOX_RETRY_MAX", "15m", lambda n, r: _duration(n, r, minimum=1)),
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT ask the loop to stop; the cycle in flight ends at the next pipeline boundary."""
+    """SIGTERM/SIGINT ask the loop to stop; the cycle in flight gets SHUTDOWN_GRACE seconds to finish."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing the work in flight and stopping", signal.Signals(signum).name)
@@ -27,23 +28,69 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+SHUTDOWN_GRACE = 8.0  # seconds the work in flight gets after SIGTERM (systemd's TimeoutStopSec is 30)
+MAX_BACKOFF = 900.0  # the longest pause between cycles while GitLab cannot be reached
+
+
+def _run_cycle(shipper: Shipper) -> CycleReport | None:
+    """One cycle in a worker thread, so that a signal is answered within SHUTDOWN_GRACE even while a
+    trace download or a POST is in flight. None when the daemon is stopping and the cycle was cut short."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["report"] = shipper.run_cycle()
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="poll-cycle", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if shipper.stop.is_set():
+            worker.join(SHUTDOWN_GRACE)
+            if worker.is_alive():
+                # Every state change is a transaction and every file an atomic rename, so leaving now is
+                # safe: what was in flight is done again after the restart.
+                log.warning("work in flight did not finish within %.0f s; exiting anyway", SHUTDOWN_GRACE)
+                logging.shutdown()
+                os._exit(0)
+            return None
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("report")  # type: ignore[return-value]
+
+
 def run_forever(shipper: Shipper, interval: float, *, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
-    """Run a cycle now, then every ``interval`` seconds, until ``shipper.stop`` is set."""
+    """Run a cycle now, then every ``interval`` seconds, until ``shipper.stop`` is set.
+
+    While GitLab cannot be reached at all (down, or the token rejected), the pause doubles each cycle up
+    to MAX_BACKOFF instead of hammering it; the first good cycle restores the interval.
+    """
     stop = shipper.stop
     scheduler = schedule.Scheduler()
+    failures = 0
 
     def cycle() -> None:
+        nonlocal failures
         try:
-            report = shipper.run_cycle()
+            report = _run_cycle(shipper)
         except StateError:
             raise  # the record of what was shipped is unusable: stop rather than guess
         except Exception:  # a bug or an answer nobody foresaw must not end the daemon
             log.exception("poll cycle failed unexpectedly; trying again in %s s", interval)
             return
+        if report is None:
+            return
         if on_cycle:
             on_cycle(report)
+        failures = failures + 1 if report.gitlab_unreachable else 0
+        delay = interval if not failures else min(MAX_BACKOFF, interval * 2**failures)
+        if failures:
+            log.warning("GitLab could not be polled (%d cycle(s) in a row); next attempt in %.0f s", failures, delay)
+        scheduler.clear()
+        scheduler.every(max(1, round(delay))).seconds.do(cycle)
 
-    scheduler.every(max(1, round(interval))).seconds.do(cycle)
     cycle()
     while not stop.is_set():
         scheduler.run_pending()

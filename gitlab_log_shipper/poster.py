@@ -73,6 +73,15 @@ def build_retry(config: Config) -> Retry:
     )
 
 
+# What a final answer (after the adapter's retries) means for the document:
+DELIVERED = "delivered"  # any 2xx: the receiver stored it
+RETRY_LATER = "retry_later"  # keep it in the outbox and try again on a later cycle
+REJECTED = "rejected"  # the receiver will never take these bytes: dead-letter them
+# Kept for later cycles: no answer, 408/429/5xx (transient by nature) and 401/403 (an operator can fix the
+# token without the document changing). Every other status (400, 404, 413, 422, 3xx ...) is final.
+RETRY_LATER_STATUSES = frozenset({401, 403, 408, 429, *range(500, 600)})
+
+
 @dataclass(frozen=True)
 class PostResult:
     """What became of one POST after its retries."""
@@ -81,10 +90,19 @@ class PostResult:
     duration_ms: int
     response_text: str
     error: str | None
+    retry_after: float | None = None  # seconds the receiver asked us to wait (Retry-After), if any
 
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return DELIVERED
+        if self.status is None or self.status in RETRY_LATER_STATUSES:
+            return RETRY_LATER
+        return REJECTED
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
@@ -165,23 +183,36 @@ class ApiPoster:
         status: int | None = None
         text = ""
         error: str | None = None
+        retry_after: float | None = None
         try:
             with open(document, "rb") as body:
                 response = self.session.post(
                     self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
                 )
             status = response.status_code
+            retry_after = _retry_after(response)
             text = _response_text(response)
             if not 200 <= status < 300:
                 error = response.reason or f"HTTP {status}"
         except requests.RequestException as exc:
             error = _describe(exc)
-        result = PostResult(status, int((time.monotonic() - started) * 1000), text, error)
+        result = PostResult(status, int((time.monotonic() - started) * 1000), text, error, retry_after)
         self.request_log.write(format_request_line(self._clock(), pipeline_id, project_id, self.url, result))
         return result
 
     def close(self) -> None:
         self.session.close()
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds (delta or HTTP date), None when absent or unparseable."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, Retry(0).parse_retry_after(value))
+    except Exception:  # urllib3 raises InvalidHeader; a garbled header is no reason to fail
+        return None
 
 
 def _response_text(response: requests.Response) -> str:

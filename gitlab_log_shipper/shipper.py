@@ -39,6 +39,7 @@ from .payload import (
     user_of,
     write_document,
 )
+from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
 from .poster import ApiPoster, RequestLog
 from .source import GitLabSource, ProjectRef
 from .state import StateStore
@@ -54,7 +55,12 @@ DUPLICATE = "deduplicated"  # this finish was shipped before
 UNCHANGED = "unchanged"  # list row identical to one handled before: no request made
 UNFINISHED = "unfinished"  # not finished yet: waits for a later cycle
 GONE = "gone"  # deleted in GitLab between listing and fetching
-FELL_BACK = "fell_back_to_file"  # dual mode: API failed, files written
+QUEUED_OUTCOME = "queued"  # the receiver did not take it yet: kept in the outbox, retried on later cycles
+DEAD_LETTERED = "dead_lettered"  # the receiver rejected it for good: kept in the dead-letter folder
+# Counted when the outbox is drained at the start of a cycle.
+OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING = "outbox_delivered", "outbox_dead_lettered", "outbox_waiting"
+OUTBOX_COUNTS = (OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING)
+HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere: the cursor may pass
 
 
 @dataclass
@@ -73,8 +79,8 @@ class ShipResult:
     reason: str = ""
 
     @property
-    def delivered(self) -> bool:
-        return self.outcome == SHIPPED
+    def handed_off(self) -> bool:
+        return self.outcome in HANDED_OFF
 
 
 @dataclass
@@ -84,17 +90,22 @@ class CycleReport:
     counts: Counter = field(default_factory=Counter)
     project_errors: list[str] = field(default_factory=list)
     results: list[ShipResult] = field(default_factory=list)
+    gitlab_unreachable: bool = False  # no project could be polled at all (GitLab down, token rejected)
+
+    @property
+    def complete(self) -> bool:
+        """Everything found was delivered (or written) and nothing waits in the outbox."""
+        return not (self.project_errors or self.counts[FAILED] or self.counts[QUEUED_OUTCOME]
+                    or self.counts[DEAD_LETTERED] or self.counts[OUTBOX_WAITING] or self.counts[OUTBOX_DEAD])
 
     def add(self, result: ShipResult) -> None:
         self.counts[result.outcome] += 1
-        if result.outcome in (SHIPPED, FAILED, FELL_BACK, GONE):
+        if result.outcome in (*HANDED_OFF, FAILED, GONE):
             self.results.append(result)
 
     def summary(self) -> str:
-        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, FAILED, FILTERED, DUPLICATE, UNCHANGED, UNFINISHED, GONE)
-                 if self.counts[k]]
-        if self.counts[FELL_BACK]:
-            parts.append(f"{FELL_BACK}={self.counts[FELL_BACK]}")
+        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED, DUPLICATE,
+                                                    UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS) if self.counts[k]]
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
         return " ".join(parts) or "nothing to do"
@@ -136,6 +147,7 @@ class Shipper:
         self.source = source or GitLabSource(config)
         self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
         self.files = FileOutput(config.log_output_dir) if config.writes_files else None
+        self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
         self.spool_root = config.state_dir / "spool" / str(os.getpid())
         _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
@@ -187,20 +199,34 @@ class Shipper:
     def run_cycle(self) -> CycleReport:
         """Poll every project once. GitLab errors are logged per project and never end the cycle."""
         report = CycleReport()
+        if self.delivery is not None:
+            drained = self.delivery.drain(budget_seconds=self.config.poll_interval)
+            report.counts[OUTBOX_SENT] += drained[SENT]
+            report.counts[OUTBOX_DEAD] += drained[DEAD_LETTER]
+            if self.delivery.outbox_full():
+                report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
+                report.project_errors.append("outbox full: new pipelines wait in GitLab")
+                return report
         try:
             projects = self.projects()
         except GitLabSourceError as exc:
             log.error("cannot discover projects: %s", exc)
             report.project_errors.append(str(exc))
+            report.gitlab_unreachable = True
             return report
+        polled = 0
         for project in projects:
             if self.stop.is_set():
                 break
             try:
                 self.poll_project(project, report)
+                polled += 1
             except GitLabSourceError as exc:
                 log.error("project %s: %s; will retry next cycle", project.id, exc)
                 report.project_errors.append(f"{project.id}: {exc}")
+        report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
+        if self.delivery is not None:
+            report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
         self.state.prune(self.clock())
         log.info("cycle done: %s", report.summary())
         return report
@@ -294,10 +320,11 @@ class Shipper:
     # -- shipping one pipeline ------------------------------------------------------------------
 
     def ship(self, project: ProjectRef, detail: Mapping[str, Any], *, list_row: tuple[str, str] | None = None) -> ShipResult:
-        """Build the pipeline's document and deliver it as the mode says; record it when delivered.
+        """Build the pipeline's document and hand it over as the mode says; record what became of it.
 
-        Never raises for GitLab, receiver or file-system failures: they come back as FAILED (retried on
-        a later cycle) or GONE (deleted in GitLab), with the reason logged.
+        Never raises for GitLab, receiver or file-system failures: GitLab and file failures come back as
+        FAILED (the cursor waits, the pipeline is tried again next cycle) or GONE (deleted in GitLab); a
+        receiver that does not take the document leaves it QUEUED in the outbox or as a DEAD_LETTER.
         """
         pipeline_id = int(detail["id"])
         finish = finish_key(str(detail["status"]), detail.get("finished_at"))
@@ -307,7 +334,7 @@ class Shipper:
         spool = Path(tempfile.mkdtemp(prefix=f"pipeline-{pipeline_id}-", dir=self.spool_root))
         try:
             header, jobs = self._collect(project, detail, spool, result)
-            self._deliver(header, jobs, spool, result)
+            self._deliver(header, jobs, spool, result, list_row)
         except GitLabSourceError as exc:
             failure = self._source_failure(project, pipeline_id, exc, list_row)
             failure.finish, failure.idempotency_key = finish, key
@@ -315,12 +342,11 @@ class Shipper:
         except (DeliveryError, OSError) as exc:
             result.outcome = FAILED
             result.reason = str(exc)
-            log.error("pipeline %s (project %s): delivery failed: %s; will retry next cycle", pipeline_id, project.id, exc)
+            log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
             return result
         finally:
             shutil.rmtree(spool, ignore_errors=True)
-        if result.delivered:
-            self.state.record_shipped(project.id, pipeline_id, finish, key, self.config.mode, self.clock(), list_row)
+        if result.outcome == SHIPPED:
             log.info("pipeline %s (project %s, %s) shipped: %d job(s), %d log bytes, mode=%s%s",
                      pipeline_id, project.id, detail.get("status"), result.jobs, result.log_bytes, self.config.mode,
                      f", HTTP {result.http_status}" if result.http_status else "")
@@ -353,36 +379,33 @@ class Shipper:
         header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs))
         return header, jobs
 
-    def _deliver(self, header: dict[str, Any], jobs: list[JobLog], spool: Path, result: ShipResult) -> None:
-        """API and/or files, per mode. Sets ``result.outcome``."""
-        now = self.clock()
-        posted_ok = False
-        if self.poster is not None:
-            document = spool / "document.json"
-            with open(document, "wb") as out:
-                write_document(out, header, jobs)
-            post = self.poster.post_file(document, pipeline_id=result.pipeline_id, project_id=result.project_id,
-                                         idempotency_key=result.idempotency_key)
-            result.http_status = post.status
-            posted_ok = post.ok
-            if not post.ok:
-                result.reason = f"receiver: {post.status or 'no answer'} {post.error or ''}".strip()
-                log.error("pipeline %s (project %s): POST failed after retries: %s", result.pipeline_id,
-                          result.project_id, result.reason)
+    def _deliver(self, header: dict[str, Any], jobs: list[JobLog], spool: Path, result: ShipResult,
+                 list_row: tuple[str, str] | None) -> None:
+        """Files first (file and dual mode: they are written whatever the API says), then the API through
+        the outbox-backed :class:`Delivery`. Sets ``result.outcome``; the state records every hand-over."""
         if self.files is not None:
             try:
-                result.folder = self.files.write_pipeline(header, jobs, now)
+                result.folder = self.files.write_pipeline(header, jobs, self.clock())
             except OSError as exc:
                 raise DeliveryError(f"cannot write files under {self.config.log_output_dir}: {exc.strerror or exc}") from exc
-        if self.config.mode == "file" or posted_ok:
+        if self.delivery is None:
+            self.state.record_shipped(result.project_id, result.pipeline_id, result.finish, result.idempotency_key,
+                                      "file", self.clock(), list_row)
             result.outcome = SHIPPED
-        elif result.folder is not None:
-            # Dual mode: the files are the fallback; the API is tried again on later cycles.
-            result.outcome = FAILED
-            result.reason += " (files written)"
-            log.warning("pipeline %s (project %s): fell back to files in %s", result.pipeline_id, result.project_id, result.folder)
-        else:
-            result.outcome = FAILED
+            return
+        document = spool / "document.json"
+        with open(document, "wb") as out:
+            write_document(out, header, jobs)
+        info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key)
+        outcome, post = self.delivery.send(document, info, list_row)
+        result.http_status = post.status if post else None
+        result.outcome = {SENT: SHIPPED, QUEUED: QUEUED_OUTCOME, DEAD_LETTER: DEAD_LETTERED}[outcome]
+        if post is not None and not post.ok:
+            result.reason = f"receiver: {post.status or 'no answer'} {post.error or ''}".strip()
+        elif post is None:
+            result.reason = "receiver backing off"
+        if result.folder is not None and result.outcome != SHIPPED:
+            result.reason += f"; files written to {result.folder}"
 
     # -- backfill and one-off posts -------------------------------------------------------------
 

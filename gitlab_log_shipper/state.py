@@ -56,6 +56,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_pipeline ON deliveries (project_id, pipeline_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    idempotency_key TEXT PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    pipeline_id INTEGER NOT NULL,
+    finish TEXT NOT NULL,
+    file TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    queued_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT
+);
 """
 
 RECOVERY_HINT = (
@@ -63,6 +75,22 @@ RECOVERY_HINT = (
     "INITIAL_LOOKBACK covering the time since the last good run; pipelines shipped twice carry the same "
     "Idempotency-Key. See OPERATIONS.md, 'Recovering the state store'."
 )
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A document that the receiver has not accepted yet; its bytes are in ``STATE_DIR/outbox/<file>``."""
+
+    idempotency_key: str
+    project_id: int
+    pipeline_id: int
+    finish: str
+    file: str
+    size: int
+    queued_at: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -181,8 +209,12 @@ class StateStore:
         list_row: tuple[str, str] | None = None,
     ) -> None:
         """One transaction: the finish counts as shipped and (optionally) the list row as handled."""
+        self._write(self._shipped_statements(project_id, pipeline_id, finish, idempotency_key, outcome, now, list_row))
+
+    def _shipped_statements(self, project_id: int, pipeline_id: int, finish: str, idempotency_key: str, outcome: str,
+                            now: datetime, list_row: tuple[str, str] | None) -> list[tuple[str, tuple]]:
         status, updated_at = list_row if list_row else (None, None)
-        self._write([
+        return [
             (
                 "INSERT INTO pipelines (project_id, pipeline_id, list_status, list_updated_at, shipped_finish, touched_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
@@ -196,6 +228,42 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (project_id, pipeline_id, finish, idempotency_key, outcome, format_ts(now)),
             ),
+        ]
+
+    # -- outbox ---------------------------------------------------------------------------------
+
+    def enqueue(self, entry: OutboxEntry, now: datetime, list_row: tuple[str, str] | None) -> None:
+        """One transaction: the document is in the outbox and its finish counts as handed off (the cursor may
+        pass it). Its file must already be durably in place."""
+        self._write([
+            ("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             (entry.idempotency_key, entry.project_id, entry.pipeline_id, entry.finish, entry.file, entry.size,
+              entry.queued_at, entry.attempts, entry.last_status, entry.last_error)),
+            *self._shipped_statements(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key,
+                                      "queued", now, list_row),
+        ])
+
+    def outbox(self) -> list[OutboxEntry]:
+        """Every queued document, oldest first."""
+        rows = self._query("SELECT * FROM outbox ORDER BY queued_at, rowid")
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_stats(self) -> tuple[int, int, str | None]:
+        """(count, total bytes, queued_at of the oldest)."""
+        count, size, oldest = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(queued_at) FROM outbox")[0]
+        return int(count), int(size), oldest
+
+    def outbox_attempt_failed(self, key: str, status: int | None, error: str | None) -> None:
+        self._write([("UPDATE outbox SET attempts=attempts+1, last_status=?, last_error=? WHERE idempotency_key=?",
+                      (status, error, key))])
+
+    def outbox_done(self, entry: OutboxEntry, outcome: str, now: datetime) -> None:
+        """The queued document reached its end (delivered or dead-lettered): drop it from the outbox, log it."""
+        self._write([
+            ("DELETE FROM outbox WHERE idempotency_key=?", (entry.idempotency_key,)),
+            ("INSERT INTO deliveries (project_id, pipeline_id, finish, idempotency_key, outcome, delivered_at) "
+             "VALUES (?, ?, ?, ?, ?, ?)",
+             (entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key, outcome, format_ts(now))),
         ])
 
     def is_shipped(self, project_id: int, pipeline_id: int, finish: str) -> bool:

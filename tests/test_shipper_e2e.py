@@ -176,26 +176,35 @@ def test_modes_and_file_layout(mode: str, tmp_path: Path, world: World, gitlab_s
     assert env.requests_log.exists() == (mode != "file")
 
 
-def test_receiver_failure_is_retried_on_later_cycles(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:
+def test_receiver_failure_keeps_documents_in_the_outbox_until_it_recovers(
+    tmp_path: Path, world: World, gitlab_sim: GitLabSimulator
+) -> None:
     project = world.add_project("team/app")
     first = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
     second = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("b", "test", "failed", log="b\n")])
-    with Receiver(script=lambda req: Reply(500, body='{"error": "Database connection failed"}')
-                  if req.json()["pipeline_id"] == first.id else Reply()) as rec:
-        env = make_env(tmp_path, gitlab_sim, rec, API_POST_SAVE_TO_FILE="true", RETRY_ATTEMPTS="1")
+    body = '{"error": "Database connection failed"}'
+    with Receiver(script=lambda req: Reply(500, body=body)) as rec:
+        env = make_env(tmp_path, gitlab_sim, rec, API_POST_SAVE_TO_FILE="true", RETRY_ATTEMPTS="1", POLL_INTERVAL="60")
         result = env.invoke("run", "--once")
-        assert result.exit_code == 1  # not everything was delivered
-        assert [d["pipeline_id"] for d in documents(rec)] == [second.id]
-        assert any(f"PIPELINE_ID={first.id} " in line and "STATUS=500" in line and
-                   'ERROR=Internal Server Error RESPONSE={"error": "Database connection failed"}' in line
-                   for line in env.request_lines())
+        assert result.exit_code == 1, result.output  # not everything was delivered
+        assert "summary: queued=2 outbox_waiting=2" in result.output
+        # one POST (and its retry) for the first; while the receiver backs off the second goes straight to the outbox
+        assert [r.json()["pipeline_id"] for r in rec.requests] == [first.id, first.id]
+        [line] = env.request_lines()
+        assert f"PIPELINE_ID={first.id} " in line and f"STATUS=500" in line
+        assert line.endswith(f"ERROR=Internal Server Error RESPONSE={body}")
         # dual mode: the files exist although the API failed
-        assert list(env.output.glob(f"*_{project.id}/pipeline_{first.id}/metadata.json"))
+        assert len(list(env.output.glob(f"*_{project.id}/pipeline_*/metadata.json"))) == 2
+        assert len(list((tmp_path / "state" / "outbox").iterdir())) == 2
 
         rec.set_script(None)
-        assert env.invoke("run", "--once").exit_code == 0
+        result = env.invoke("run", "--once")
+        assert result.exit_code == 0, result.output
+        assert "outbox_delivered=2" in result.output
         docs = documents(rec)
-        assert sorted(d["pipeline_id"] for d in docs) == sorted([first.id, second.id])
+        assert [d["pipeline_id"] for d in docs] == [first.id, second.id]  # oldest first
+        assert rec.accepted()[0].idempotency_key == rec.requests[0].idempotency_key
+        assert list((tmp_path / "state" / "outbox").iterdir()) == []
         assert env.invoke("run", "--once").exit_code == 0
         assert len(rec.accepted()) == 2
 

@@ -1,0 +1,298 @@
+"""At-least-once delivery: POST a document now, or keep it on disk until the receiver takes it.
+
+* **Outbox** (``STATE_DIR/outbox/``): a document the receiver did not accept after the HTTP adapter's
+  retries (no answer, 401/403/408/429/5xx) is moved here and recorded in the state store in the same
+  step that marks its pipeline finish as handed off, so the cursor can move on. Every cycle the outbox is
+  drained oldest first, unless the receiver is backing off (exponential backoff with jitter, at least its
+  ``Retry-After``). While it backs off, new documents go straight to the outbox instead of each waiting
+  through the adapter's retries: new pipelines are never held back for more than one cycle.
+* **Dead letters** (``STATE_DIR/dead-letter/``): a document the receiver rejected for good (400, 404, 413,
+  422, … — see :mod:`poster`) or that outlived ``OUTBOX_MAX_AGE`` is kept there with a ``.meta.json``
+  saying why, and is not retried in a loop. ``redeliver`` sends them again once the cause is fixed.
+* **Limits**: above ``OUTBOX_MAX_BYTES`` the shipper stops taking new pipelines (they stay in GitLab and
+  the cursor waits) and says so at ERROR level every cycle; nothing is dropped.
+
+Crash safety: a document file is fsynced and renamed into the outbox before the transaction that records
+it; a crash in between leaves an orphan file that :meth:`Delivery.reconcile` removes at start (its
+pipeline was not recorded, so it is shipped again). A crash between a 2xx and the state update re-sends
+the document later with the same ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Config
+from .fileout import atomic_write, fsync_dir
+from .poster import DELIVERED, REJECTED, ApiPoster, PostResult
+from .state import OutboxEntry, StateStore
+from .timeutil import format_ts, parse_ts
+
+log = logging.getLogger(__name__)
+
+# Outcomes of handing a document over.
+SENT = "delivered"
+QUEUED = "queued"
+DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    """Who a document is about; enough to log, queue, dead-letter and de-duplicate it."""
+
+    project_id: int
+    pipeline_id: int
+    finish: str
+    idempotency_key: str
+
+
+class Delivery:
+    """Owns the outbox, the dead-letter folder and the receiver's backoff state."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: StateStore,
+        poster: ApiPoster,
+        *,
+        clock: Callable[[], datetime],
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.poster = poster
+        self.clock = clock
+        self.jitter = jitter
+        self.outbox_dir = config.state_dir / "outbox"
+        self.dead_letter_dir = config.state_dir / "dead-letter"
+        self.outbox_dir.mkdir(parents=True, exist_ok=True)
+        self.dead_letter_dir.mkdir(parents=True, exist_ok=True)
+        self.consecutive_failures = 0
+        self.backoff_until: datetime | None = None
+
+    # -- receiver health ------------------------------------------------------------------------
+
+    def backing_off(self) -> bool:
+        return self.backoff_until is not None and self.clock() < self.backoff_until
+
+    def _failed(self, result: PostResult) -> None:
+        """The receiver did not take a document: back off exponentially (with jitter), at least Retry-After."""
+        self.consecutive_failures += 1
+        base = min(self.config.poll_interval, 60.0)
+        delay = min(self.config.outbox_retry_max, base * 2 ** (self.consecutive_failures - 1))
+        delay *= 0.5 + 0.5 * self.jitter()  # "equal jitter": between half and all of the delay
+        if result.retry_after:
+            delay = max(delay, min(result.retry_after, self.config.outbox_retry_max))
+        self.backoff_until = self.clock() + timedelta(seconds=delay)
+        log.warning("receiver unavailable (%s); documents wait in the outbox; next attempt in %.0f s",
+                    _reason(result), delay)
+
+    def _recovered(self) -> None:
+        if self.consecutive_failures:
+            log.info("receiver accepts documents again")
+        self.consecutive_failures = 0
+        self.backoff_until = None
+
+    # -- handing over a new document ------------------------------------------------------------
+
+    def send(self, document: Path, info: DocumentInfo, list_row: tuple[str, str] | None) -> tuple[str, PostResult | None]:
+        """POST a new document (or queue it at once while the receiver backs off) and record the outcome.
+
+        ``document`` lives in the spool on the same file system as STATE_DIR; it is moved, not copied,
+        into the outbox or dead-letter folder when it has to stay.
+        """
+        now = self.clock()
+        if self.backing_off():
+            self._enqueue(document, info, list_row, None)
+            return QUEUED, None
+        result = self.poster.post_file(document, pipeline_id=info.pipeline_id, project_id=info.project_id,
+                                       idempotency_key=info.idempotency_key)
+        if result.verdict == DELIVERED:
+            self._recovered()
+            self.state.record_shipped(info.project_id, info.pipeline_id, info.finish, info.idempotency_key,
+                                      SENT, now, list_row)
+            return SENT, result
+        if result.verdict == REJECTED:
+            self._dead_letter(document, info, result, reason="rejected by the receiver")
+            self.state.record_shipped(info.project_id, info.pipeline_id, info.finish, info.idempotency_key,
+                                      DEAD_LETTER, now, list_row)
+            return DEAD_LETTER, result
+        self._failed(result)
+        self._enqueue(document, info, list_row, result)
+        return QUEUED, result
+
+    def _enqueue(self, document: Path, info: DocumentInfo, list_row: tuple[str, str] | None,
+                 result: PostResult | None) -> None:
+        name = f"{info.pipeline_id}-{info.idempotency_key}.json"
+        target = self.outbox_dir / name
+        size = document.stat().st_size
+        _fsync_file(document)
+        os.replace(document, target)
+        fsync_dir(self.outbox_dir)
+        entry = OutboxEntry(info.idempotency_key, info.project_id, info.pipeline_id, info.finish, name, size,
+                            format_ts(self.clock()), 0 if result is None else 1,
+                            None if result is None else result.status, None if result is None else _reason(result))
+        self.state.enqueue(entry, self.clock(), list_row)
+        log.info("pipeline %s (project %s): kept in the outbox (%d bytes)", info.pipeline_id, info.project_id, size)
+
+    # -- the outbox -----------------------------------------------------------------------------
+
+    def drain(self, budget_seconds: float) -> dict[str, int]:
+        """Send queued documents, oldest first, until the outbox is empty, the receiver fails again, or the
+        budget is spent (so new pipelines wait at most about one cycle)."""
+        counts = {SENT: 0, DEAD_LETTER: 0, QUEUED: 0}
+        self.expire()
+        if self.backing_off():
+            return counts
+        deadline = self.clock() + timedelta(seconds=budget_seconds)
+        for entry in self.state.outbox():
+            if self.clock() >= deadline:
+                break
+            path = self.outbox_dir / entry.file
+            if not path.is_file():
+                self._lost(entry)
+                continue
+            result = self.poster.post_file(path, pipeline_id=entry.pipeline_id, project_id=entry.project_id,
+                                           idempotency_key=entry.idempotency_key)
+            if result.verdict == DELIVERED:
+                self._recovered()
+                self.state.outbox_done(entry, SENT, self.clock())
+                path.unlink(missing_ok=True)
+                counts[SENT] += 1
+                log.info("pipeline %s (project %s): delivered from the outbox after %d earlier attempt(s)",
+                         entry.pipeline_id, entry.project_id, entry.attempts)
+            elif result.verdict == REJECTED:
+                info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
+                self._dead_letter(path, info, result, reason="rejected by the receiver")
+                self.state.outbox_done(entry, DEAD_LETTER, self.clock())
+                counts[DEAD_LETTER] += 1
+            else:
+                self.state.outbox_attempt_failed(entry.idempotency_key, result.status, _reason(result))
+                self._failed(result)
+                counts[QUEUED] += 1
+                break
+        return counts
+
+    def expire(self) -> int:
+        """Move documents older than OUTBOX_MAX_AGE to the dead-letter folder (kept, loudly)."""
+        horizon = self.clock() - timedelta(seconds=self.config.outbox_max_age)
+        moved = 0
+        for entry in self.state.outbox():
+            if parse_ts(entry.queued_at) >= horizon:
+                break  # oldest first: the rest are younger
+            path = self.outbox_dir / entry.file
+            if path.is_file():
+                info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
+                failure = PostResult(entry.last_status, 0, "", entry.last_error)
+                self._dead_letter(path, info, failure, reason=f"undelivered for longer than OUTBOX_MAX_AGE "
+                                  f"({self.config.outbox_max_age:.0f} s) after {entry.attempts} attempt(s)")
+            self.state.outbox_done(entry, DEAD_LETTER, self.clock())
+            moved += 1
+        return moved
+
+    def outbox_full(self) -> bool:
+        """True when the outbox holds OUTBOX_MAX_BYTES or more: stop taking new pipelines (they wait in GitLab)."""
+        count, size, _ = self.state.outbox_stats()
+        if size < self.config.outbox_max_bytes:
+            return False
+        log.error("OUTBOX FULL: %d document(s), %d bytes >= OUTBOX_MAX_BYTES=%d; not taking new pipelines until "
+                  "the receiver accepts documents again (nothing is dropped: they wait in GitLab)",
+                  count, size, self.config.outbox_max_bytes)
+        return True
+
+    def _lost(self, entry: OutboxEntry) -> None:
+        log.error("outbox file %s of pipeline %s (project %s) is missing; resend it with: gitlab-log-shipper post "
+                  "--pipeline-id %s --project %s", entry.file, entry.pipeline_id, entry.project_id,
+                  entry.pipeline_id, entry.project_id)
+        self.state.outbox_done(entry, "lost", self.clock())
+
+    def reconcile(self) -> None:
+        """At start: remove outbox files no row refers to (a crash between rename and commit). Files younger
+        than a minute are left alone: a concurrent ``post`` may be between its rename and its commit."""
+        known = {entry.file for entry in self.state.outbox()}
+        recent = self.clock().timestamp() - 60
+        for path in self.outbox_dir.iterdir():
+            if path.name not in known and path.stat().st_mtime < recent:
+                log.info("removing orphan outbox file %s (its pipeline was never recorded and is shipped again)", path.name)
+                path.unlink(missing_ok=True)
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    def _dead_letter(self, document: Path, info: DocumentInfo, result: PostResult, *, reason: str) -> Path:
+        stem = f"{info.pipeline_id}-{info.idempotency_key}"
+        target = self.dead_letter_dir / f"{stem}.json"
+        _fsync_file(document)
+        os.replace(document, target)
+        meta = {
+            "pipeline_id": info.pipeline_id,
+            "project_id": info.project_id,
+            "finish": info.finish,
+            "idempotency_key": info.idempotency_key,
+            "reason": reason,
+            "status": result.status,
+            "error": result.error,
+            "response": result.response_text[:1000],
+            "dead_lettered_at": format_ts(self.clock()),
+        }
+        atomic_write(self.dead_letter_dir / f"{stem}.meta.json", json.dumps(meta, indent=2).encode("utf-8"))
+        log.error("pipeline %s (project %s): %s (%s); kept in %s — fix the cause, then run "
+                  "`gitlab-log-shipper redeliver`", info.pipeline_id, info.project_id, reason, _reason(result), target)
+        return target
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter's metadata, oldest first."""
+        letters = []
+        for meta_path in sorted(self.dead_letter_dir.glob("*.meta.json")):
+            try:
+                letters.append({**json.loads(meta_path.read_text("utf-8")), "_meta": meta_path})
+            except (OSError, ValueError) as exc:
+                log.error("unreadable dead-letter metadata %s: %s", meta_path, exc)
+        return sorted(letters, key=lambda m: str(m.get("dead_lettered_at", "")))
+
+    def redeliver(self, pipeline_id: int | None = None) -> list[tuple[dict[str, Any], PostResult]]:
+        """POST dead letters again (all, or one pipeline's). Delivered ones are removed; others stay, updated."""
+        results = []
+        for meta in self.dead_letters():
+            if pipeline_id is not None and meta.get("pipeline_id") != pipeline_id:
+                continue
+            meta_path: Path = meta.pop("_meta")
+            document = meta_path.with_name(meta_path.name.replace(".meta.json", ".json"))
+            if not document.is_file():
+                log.error("dead letter %s has no document next to it; skipped", meta_path.name)
+                continue
+            result = self.poster.post_file(document, pipeline_id=int(meta["pipeline_id"]),
+                                           project_id=int(meta["project_id"]), idempotency_key=str(meta["idempotency_key"]))
+            results.append((meta, result))
+            if result.verdict == DELIVERED:
+                self.state.record_shipped(int(meta["project_id"]), int(meta["pipeline_id"]), str(meta["finish"]),
+                                          str(meta["idempotency_key"]), "redelivered", self.clock())
+                document.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+            else:
+                meta.update(status=result.status, error=result.error, response=result.response_text[:1000],
+                            last_redelivery_at=format_ts(self.clock()))
+                atomic_write(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
+                if result.verdict != REJECTED:
+                    break  # the receiver is down: the rest would fail the same way
+        return results
+
+
+def _reason(result: PostResult) -> str:
+    if result.status is None:
+        return result.error or "no answer"
+    return f"HTTP {result.status}" + (f" {result.error}" if result.error else "")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
