@@ -55,6 +55,12 @@ def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     assert config.poll_interval == 30.0
 
 
+def test_sizes_accept_units() -> None:
+    assert load(OUTBOX_MAX_BYTES="500M").outbox_max_bytes == 500 * 1024**2
+    assert load(OUTBOX_MAX_BYTES="2GiB").outbox_max_bytes == 2 * 1024**3
+    assert load().outbox_max_bytes == 5 * 1024**3
+
+
 def test_durations_accept_units() -> None:
     assert load(INITIAL_LOOKBACK="2d").initial_lookback == 172800
     assert load(INITIAL_LOOKBACK="90").initial_lookback == 90
@@ -98,6 +104,10 @@ def test_repr_hides_secrets() -> None:
         ({"API_POST_TIMEOUT": "0"}, "API_POST_TIMEOUT"),
         ({"GITLAB_PROJECTS": "group//proj"}, "GITLAB_PROJECTS"),
         ({"LOG_SAVE_METADATA_ALWAYS": "2"}, "LOG_SAVE_METADATA_ALWAYS"),
+        ({"OUTBOX_MAX_BYTES": "lots"}, "OUTBOX_MAX_BYTES"),
+        ({"OUTBOX_MAX_BYTES": "10"}, "OUTBOX_MAX_BYTES"),
+        ({"OUTBOX_MAX_AGE": "-1d"}, "OUTBOX_MAX_AGE"),
+        ({"OUTBOX_RETRY_MAX": "0"}, "OUTBOX_RETRY_MAX"),
     ],
 )
 def test_bad_values_name_the_variable(overrides: dict[str, str], variable: str) -> None:
