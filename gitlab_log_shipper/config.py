@@ -77,6 +77,14 @@ class Config:
     outbox_max_age: float = 7 * 86400.0
     outbox_retry_max: float = 900.0
 
+    concurrency: int = 4
+    gitlab_max_requests_per_second: float = 0.0  # 0 = no cap of our own (GitLab's RateLimit-* still obeyed)
+    poll_child_pipelines: bool = True
+    api_post_compression: str = "none"  # none | gzip
+    max_job_log_bytes: int = 100 * 1024**2
+    api_post_max_bytes: int = 0  # 0 = unlimited
+    shard: tuple[int, int] = (0, 1)  # (index, count): this instance polls projects with id % count == index
+
     ignored_variables: tuple[str, ...] = ()
 
     @property
@@ -133,6 +141,13 @@ def _number(name: str, raw: str, *, minimum: float, integer: bool = False) -> fl
     return value
 
 
+def _bounded(name: str, raw: str, low: int, high: int) -> int:
+    value = int(_number(name, raw, minimum=low, integer=True))
+    if value > high:
+        raise ConfigError(name, f"must be at most {high}, got {raw!r}")
+    return value
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -167,6 +182,23 @@ def _size(name: str, raw: str, *, minimum: int) -> int:
     value = int(float(match.group(1)) * _UNIT_BYTES[match.group(2).lower()])
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum} bytes, got {raw!r}")
+    return value
+
+
+def _shard(name: str, raw: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", raw)
+    if not match:
+        raise ConfigError(name, f"expected INDEX/COUNT like 0/3, got {raw!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or index >= count:
+        raise ConfigError(name, f"INDEX must be 0 to COUNT-1 and COUNT at least 1, got {raw!r}")
+    return index, count
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {raw!r}")
     return value
 
 
@@ -325,5 +357,12 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         outbox_max_bytes=opt("OUTBOX_MAX_BYTES", "5G", lambda n, r: _size(n, r, minimum=1024 * 1024)),
         outbox_max_age=opt("OUTBOX_MAX_AGE", "7d", lambda n, r: _duration(n, r, minimum=60)),
         outbox_retry_max=opt("OUTBOX_RETRY_MAX", "15m", lambda n, r: _duration(n, r, minimum=1)),
+        concurrency=int(opt("CONCURRENCY", "4", lambda n, r: _bounded(n, r, 1, 64))),
+        gitlab_max_requests_per_second=opt("GITLAB_MAX_REQUESTS_PER_SECOND", "0", lambda n, r: _number(n, r, minimum=0)),
+        poll_child_pipelines=opt("POLL_CHILD_PIPELINES", "true", _bool),
+        api_post_compression=opt("API_POST_COMPRESSION", "none", lambda n, r: _choice(n, r, ("none", "gzip"))),
+        max_job_log_bytes=opt("MAX_JOB_LOG_BYTES", "100M", lambda n, r: _size(n, r, minimum=4096)),
+        api_post_max_bytes=opt("API_POST_MAX_BYTES", "0", lambda n, r: 0 if r.strip() == "0" else _size(n, r, minimum=64 * 1024)),
+        shard=opt("SHARD", "0/1", _shard),
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
     )
