@@ -130,7 +130,7 @@ class Delivery:
 
     def _enqueue(self, document: Path, info: DocumentInfo, list_row: tuple[str, str] | None,
                  result: PostResult | None) -> None:
-        name = f"{info.pipeline_id}-{info.idempotency_key}.json"
+        name = f"{info.pipeline_id}-{info.idempotency_key}{''.join(document.suffixes)}"  # .json or .json.gz
         target = self.outbox_dir / name
         size = document.stat().st_size
         _fsync_file(document)
@@ -227,7 +227,7 @@ class Delivery:
 
     def _dead_letter(self, document: Path, info: DocumentInfo, result: PostResult, *, reason: str) -> Path:
         stem = f"{info.pipeline_id}-{info.idempotency_key}"
-        target = self.dead_letter_dir / f"{stem}.json"
+        target = self.dead_letter_dir / f"{stem}{''.join(document.suffixes)}"  # .json or .json.gz
         _fsync_file(document)
         os.replace(document, target)
         meta = {
@@ -240,6 +240,7 @@ class Delivery:
             "error": result.error,
             "response": result.response_text[:1000],
             "dead_lettered_at": format_ts(self.clock()),
+            "document": target.name,
         }
         atomic_write(self.dead_letter_dir / f"{stem}.meta.json", json.dumps(meta, indent=2).encode("utf-8"))
         log.error("pipeline %s (project %s): %s (%s); kept in %s — fix the cause, then run "
@@ -263,7 +264,7 @@ class Delivery:
             if pipeline_id is not None and meta.get("pipeline_id") != pipeline_id:
                 continue
             meta_path: Path = meta.pop("_meta")
-            document = meta_path.with_name(meta_path.name.replace(".meta.json", ".json"))
+            document = meta_path.with_name(str(meta.get("document") or meta_path.name.replace(".meta.json", ".json")))
             if not document.is_file():
                 log.error("dead letter %s has no document next to it; skipped", meta_path.name)
                 continue

@@ -8,7 +8,6 @@ as UTF-8 (invalid bytes replaced by U+FFFD) and JSON-escaped chunk by chunk.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -123,10 +122,17 @@ def job_fields(job: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class JobLog:
-    """One job of the document: its fields and the spool file holding its raw log (None = empty log)."""
+    """One job of the document: its fields and the spool file holding its raw log (None = empty log).
+
+    ``log_bytes`` is the size of the log GitLab holds; ``truncated`` says the spool file keeps only its head
+    and tail (MAX_JOB_LOG_BYTES or API_POST_MAX_BYTES). Both go into the document as ``log_bytes`` and
+    ``log_truncated`` (documented in ``docs/payload.schema.json``).
+    """
 
     fields: Mapping[str, Any]
     log_path: Path | None
+    log_bytes: int = 0
+    truncated: bool = False
 
 
 def _dump(value: Any) -> bytes:
@@ -164,13 +170,97 @@ def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobL
         _write_log_string(out, job.log_path)
         for key, value in fields.items():
             out.write(b", " + _dump(key) + b": " + _dump(value))
-        out.write(b"}")
+        out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated) + b"}")
     out.write(b"]}")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+# -- size limits ------------------------------------------------------------------------------------
+
+MARKER = "\n[... gitlab-log-shipper: {removed} bytes cut from the middle of this log ({why}) ...]\n"
+_NEWLINE_SEARCH = 4096  # cut at a line end when one is this close to the cut point
+
+
+def truncate_log(source: Path, target: Path, keep: int, why: str) -> bool:
+    """Write ``source``'s head and tail (``keep`` bytes in all, cut at line ends where possible) with a
+    visible marker line between them to ``target``. Returns False (and copies nothing) when it already fits.
+    Streams: memory stays at one chunk whatever the log's size."""
+    size = source.stat().st_size
+    if size <= keep:
+        return False
+    head_len, tail_len = keep // 2, keep - keep // 2
+    with open(source, "rb") as src:
+        src.seek(max(0, head_len - _NEWLINE_SEARCH))
+        near_head = src.read(min(head_len, _NEWLINE_SEARCH))
+        cut = near_head.rfind(b"\n")
+        if cut >= 0:
+            head_len = max(0, head_len - len(near_head) + cut + 1)
+        tail_start = size - tail_len
+        src.seek(tail_start)
+        near_tail = src.read(min(tail_len, _NEWLINE_SEARCH))
+        cut = near_tail.find(b"\n")
+        if cut >= 0:
+            tail_start += cut + 1
+        removed = tail_start - head_len
+        with open(target, "wb") as out:
+            src.seek(0)
+            _copy(src, out, head_len)
+            out.write(MARKER.format(removed=removed, why=why).encode("utf-8"))
+            src.seek(tail_start)
+            _copy(src, out, size - tail_start)
+    return True
+
+
+def _copy(src: BinaryIO, out: BinaryIO, length: int) -> None:
+    while length > 0:
+        chunk = src.read(min(CHUNK, length))
+        if not chunk:
+            break
+        out.write(chunk)
+        length -= len(chunk)
+
+
+def escaped_size(log_path: Path | None) -> int:
+    """How many bytes the log takes inside the document's JSON string (escapes included), by streaming."""
+    if log_path is None:
+        return 0
+    counter = _Counter()
+    _write_log_string(counter, log_path)  # type: ignore[arg-type]
+    return counter.count - 2  # the quotes
+
+
+def document_size(header: Mapping[str, Any], jobs: Sequence[JobLog]) -> int:
+    """Size in bytes of the document :func:`write_document` would write, computed without storing it."""
+    counter = _Counter()
+    write_document(counter, header, jobs)  # type: ignore[arg-type]
+    return counter.count
+
+
+class _Counter:
+    """A write-only sink that only counts bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+
+def fit_budgets(sizes: Sequence[int], budget: int) -> list[int]:
+    """Share ``budget`` among logs of these sizes so that small logs stay whole and big ones are cut evenly
+    ("water filling"): returns each log's allowance (never more than its size)."""
+    allowance = [0] * len(sizes)
+    remaining = max(0, budget)
+    pending = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    while pending:
+        share = remaining // len(pending)
+        index = pending[0]
+        if sizes[index] <= share:
+            allowance[index] = sizes[index]
+            remaining -= sizes[index]
+            pending.pop(0)
+            continue
+        for index in pending:
+            allowance[index] = share
+        break
+    return allowance

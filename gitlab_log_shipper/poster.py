@@ -179,6 +179,8 @@ class ApiPoster:
         """POST the JSON document stored at ``document`` (streamed from disk, rewound by urllib3 on a retry)
         and log the outcome. Never raises for HTTP or network failures: they come back in the result."""
         headers = {"Idempotency-Key": idempotency_key, **(extra_headers or {})}
+        if document.suffix == ".gz":  # API_POST_COMPRESSION=gzip wrote it compressed
+            headers["Content-Encoding"] = "gzip"
         started = time.monotonic()
         status: int | None = None
         text = ""

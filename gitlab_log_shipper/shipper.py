@@ -13,12 +13,14 @@ injected ``clock``. One poll of a project:
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +32,10 @@ from .fileout import FileOutput
 from .payload import (
     JobLog,
     document_header,
+    document_size,
+    escaped_size,
+    fit_budgets,
+    truncate_log,
     finish_key,
     idempotency_key,
     job_fields,
@@ -91,6 +97,7 @@ class CycleReport:
     project_errors: list[str] = field(default_factory=list)
     results: list[ShipResult] = field(default_factory=list)
     gitlab_unreachable: bool = False  # no project could be polled at all (GitLab down, token rejected)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -99,9 +106,14 @@ class CycleReport:
                     or self.counts[DEAD_LETTERED] or self.counts[OUTBOX_WAITING] or self.counts[OUTBOX_DEAD])
 
     def add(self, result: ShipResult) -> None:
-        self.counts[result.outcome] += 1
-        if result.outcome in (*HANDED_OFF, FAILED, GONE):
-            self.results.append(result)
+        with self._lock:
+            self.counts[result.outcome] += 1
+            if result.outcome in (*HANDED_OFF, FAILED, GONE):
+                self.results.append(result)
+
+    def error(self, message: str) -> None:
+        with self._lock:
+            self.project_errors.append(message)
 
     def summary(self) -> str:
         parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED, DUPLICATE,
@@ -152,11 +164,19 @@ class Shipper:
         _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
+        # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
+        # are polled, their pipelines shipped and each pipeline's logs fetched CONCURRENCY at a time.
+        workers = config.concurrency
+        self._project_pool = ThreadPoolExecutor(workers, thread_name_prefix="project")
+        self._pipeline_pool = ThreadPoolExecutor(workers, thread_name_prefix="pipeline")
+        self._trace_pool = ThreadPoolExecutor(workers, thread_name_prefix="trace")
 
     def __repr__(self) -> str:
         return f"Shipper(gitlab={self.config.gitlab_url!r}, mode={self.config.mode!r})"
 
     def close(self) -> None:
+        for pool in (self._project_pool, self._pipeline_pool, self._trace_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.spool_root, ignore_errors=True)
         if self.poster:
             self.poster.close()
@@ -166,7 +186,10 @@ class Shipper:
     # -- projects -------------------------------------------------------------------------------
 
     def project_allowed(self, project_id: int) -> bool:
-        """``LOG_SAVE_PROJECTS`` (allow list) or else ``LOG_EXCLUDE_PROJECTS``, as the predecessor."""
+        """``SHARD``, then ``LOG_SAVE_PROJECTS`` (allow list) or else ``LOG_EXCLUDE_PROJECTS``, as the predecessor."""
+        index, count = self.config.shard
+        if project_id % count != index:
+            return False
         if self.config.save_projects:
             return project_id in self.config.save_projects
         return project_id not in self.config.exclude_projects
@@ -214,16 +237,19 @@ class Shipper:
             report.project_errors.append(str(exc))
             report.gitlab_unreachable = True
             return report
-        polled = 0
-        for project in projects:
+
+        def poll(project: ProjectRef) -> bool:
             if self.stop.is_set():
-                break
+                return False
             try:
                 self.poll_project(project, report)
-                polled += 1
+                return True
             except GitLabSourceError as exc:
                 log.error("project %s: %s; will retry next cycle", project.id, exc)
-                report.project_errors.append(f"{project.id}: {exc}")
+                report.error(f"{project.id}: {exc}")
+                return False
+
+        polled = sum(self._project_pool.map(poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
         if self.delivery is not None:
             report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
@@ -240,16 +266,14 @@ class Shipper:
         since = cursor - timedelta(seconds=self.config.poll_overlap)
         newest = cursor
         blocked: datetime | None = None
-        seen_ids: set[int] = set()
-        for row in self.source.iter_pipelines(project.id, since):
-            if self.stop.is_set():
-                return  # cursor untouched: the rest is polled again after the restart
-            pipeline_id = int(row["id"])
-            if pipeline_id in seen_ids:
-                continue  # offset paging over a growing set can repeat a row
-            seen_ids.add(pipeline_id)
+        rows: dict[int, Mapping[str, Any]] = {}
+        for row in self.source.iter_pipelines(project.id, since, children=self.config.poll_child_pipelines):
+            rows.setdefault(int(row["id"]), row)  # offset paging over a growing set can repeat a row
+        results = list(self._pipeline_pool.map(lambda row: self._handle_row(project, row), rows.values()))
+        if self.stop.is_set():
+            return  # cursor untouched: what was cut short is polled again after the restart
+        for row, result in zip(rows.values(), results):
             updated_at = parse_ts(row["updated_at"])
-            result = self._handle_row(project, row)
             report.add(result)
             if result.outcome == FAILED:
                 blocked = updated_at if blocked is None else min(blocked, updated_at)
@@ -360,17 +384,8 @@ class Shipper:
         kept = [job for job in latest if keep_job(job, self.config.save_job_status)]
         if len(kept) < len(latest):
             log.debug("pipeline %s: %d of %d job(s) left out by LOG_SAVE_JOB_STATUS", pipeline_id, len(latest) - len(kept), len(latest))
-        jobs: list[JobLog] = []
-        for job in kept:
-            if self.stop.is_set():
-                raise DeliveryError("shutting down")
-            log_path: Path | None = None
-            # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
-            if job.get("started_at") is not None:
-                log_path = spool / f"job-{job['id']}.log"
-                with open(log_path, "w+b") as out:
-                    result.log_bytes += self.source.fetch_trace(project.id, int(job["id"]), out)
-            jobs.append(JobLog(job_fields(job), log_path))
+        jobs = list(self._trace_pool.map(lambda job: self._fetch_log(project, pipeline_id, job, spool), kept))
+        result.log_bytes = sum(job.log_bytes for job in jobs)
         result.jobs = len(jobs)
         commit_email = None
         user = detail.get("user")
@@ -378,6 +393,56 @@ class Shipper:
             commit_email = self.source.commit_author_email(project.id, detail.get("sha"))
         header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs))
         return header, jobs
+
+    def _fetch_log(self, project: ProjectRef, pipeline_id: int, job: Mapping[str, Any], spool: Path) -> JobLog:
+        """One job's log into the spool, cut to MAX_JOB_LOG_BYTES (head and tail kept) when larger."""
+        if self.stop.is_set():
+            raise DeliveryError("shutting down")
+        # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
+        if job.get("started_at") is None:
+            return JobLog(job_fields(job), None)
+        log_path = spool / f"job-{job['id']}.log"
+        with open(log_path, "w+b") as out:
+            size = self.source.fetch_trace(project.id, int(job["id"]), out)
+        truncated = False
+        if size > self.config.max_job_log_bytes:
+            cut = spool / f"job-{job['id']}.cut.log"
+            truncated = truncate_log(log_path, cut, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES")
+            os.replace(cut, log_path)
+            log.warning("job %s (pipeline %s): log of %d bytes cut to MAX_JOB_LOG_BYTES=%d", job["id"], pipeline_id,
+                        size, self.config.max_job_log_bytes)
+        return JobLog(job_fields(job), log_path, size, truncated)
+
+    def _fit(self, header: Mapping[str, Any], jobs: list[JobLog], spool: Path, pipeline_id: int) -> list[JobLog]:
+        """Cut logs (head and tail kept, evenly across the big ones) so the document fits API_POST_MAX_BYTES."""
+        cap = self.config.api_post_max_bytes
+        if not cap:
+            return jobs
+        total = document_size(header, jobs)
+        if total <= cap:
+            return jobs
+        sizes = [escaped_size(job.log_path) for job in jobs]
+        overhead = total - sum(sizes)
+        fitted = jobs
+        for attempt in range(6):
+            # escaped bytes per log, leaving room for the marker lines; shrink on each attempt in case
+            # cutting at line ends or the escaping of the kept parts came out larger than estimated
+            budget = int((cap - overhead - 200 * len(jobs)) * 0.9**attempt)
+            fitted = []
+            for job, escaped, allowance in zip(jobs, sizes, fit_budgets(sizes, budget)):
+                if job.log_path is None or allowance >= escaped:
+                    fitted.append(job)
+                    continue
+                keep = int(job.log_path.stat().st_size * allowance / escaped)
+                target = spool / f"{job.log_path.stem}.fit{attempt}.log"
+                truncate_log(job.log_path, target, keep, "API_POST_MAX_BYTES")
+                fitted.append(JobLog(job.fields, target, job.log_bytes, True))
+            if document_size(header, fitted) <= cap:
+                log.warning("pipeline %s: document of %d bytes cut to fit API_POST_MAX_BYTES=%d", pipeline_id, total, cap)
+                return fitted
+        log.error("pipeline %s: the document cannot be brought under API_POST_MAX_BYTES=%d (its fields alone take %d "
+                  "bytes); sending it as it is", pipeline_id, cap, overhead)
+        return fitted
 
     def _deliver(self, header: dict[str, Any], jobs: list[JobLog], spool: Path, result: ShipResult,
                  list_row: tuple[str, str] | None) -> None:
@@ -393,9 +458,15 @@ class Shipper:
                                       "file", self.clock(), list_row)
             result.outcome = SHIPPED
             return
-        document = spool / "document.json"
-        with open(document, "wb") as out:
-            write_document(out, header, jobs)
+        jobs = self._fit(header, jobs, spool, result.pipeline_id)
+        if self.config.api_post_compression == "gzip":
+            document = spool / "document.json.gz"
+            with open(document, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as out:
+                write_document(out, header, jobs)  # type: ignore[arg-type]
+        else:
+            document = spool / "document.json"
+            with open(document, "wb") as out:
+                write_document(out, header, jobs)
         info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key)
         outcome, post = self.delivery.send(document, info, list_row)
         result.http_status = post.status if post else None

@@ -10,6 +10,10 @@ import pytest
 
 from gitlab_log_shipper.payload import (
     JobLog,
+    document_size,
+    escaped_size,
+    fit_budgets,
+    truncate_log,
     document_header,
     finish_key,
     idempotency_key,
@@ -72,12 +76,39 @@ def test_write_document_streams_valid_json_in_design_order(tmp_path: Path) -> No
     job = {"id": 5, "name": "build:prod", "status": "success", "stage": "build", "created_at": "c",
            "started_at": "s", "finished_at": "f", "duration": 1.5, "ref": "main"}
     out = io.BytesIO()
-    write_document(out, header, [JobLog(job_fields(job), log1), JobLog(job_fields({**job, "id": 6}), None)])
+    jobs = [JobLog(job_fields(job), log1, len(content)), JobLog(job_fields({**job, "id": 6}), None)]
+    write_document(out, header, jobs)
+    assert document_size(header, jobs) == len(out.getvalue())
+    assert escaped_size(log1) == len(json.dumps(content.decode("utf-8", "replace"), ensure_ascii=False).encode()) - 2
     doc = json.loads(out.getvalue())
     assert list(doc) == ["pipeline_id", "project_id", "project_name", "status", "ref", "sha", "source", "pipeline_type",
                          "created_at", "finished_at", "duration", "user", "stages", "jobs"]
     assert list(doc["jobs"][0]) == ["job_id", "job_name", "log_content", "status", "stage", "created_at", "started_at",
-                                    "finished_at", "duration", "ref"]
+                                    "finished_at", "duration", "ref", "log_bytes", "log_truncated"]
     assert doc["jobs"][0]["log_content"] == content.decode("utf-8", errors="replace")
     assert doc["jobs"][1]["log_content"] == ""
     assert doc["pipeline_type"] == "main"
+    assert (doc["jobs"][0]["log_bytes"], doc["jobs"][0]["log_truncated"]) == (len(content), False)
+
+
+def test_truncate_keeps_head_and_tail_at_line_ends(tmp_path: Path) -> None:
+    source = tmp_path / "big.log"
+    lines = [f"line {i:06d}\n".encode() for i in range(100_000)]  # 1.2 MB
+    source.write_bytes(b"".join(lines))
+    target = tmp_path / "cut.log"
+    assert truncate_log(source, target, 100_000, "MAX_JOB_LOG_BYTES") is True
+    data = target.read_bytes()
+    assert data.startswith(b"line 000000\n") and data.endswith(b"line 099999\n")
+    head, marker, tail = data.partition(b"\n[... gitlab-log-shipper: ")
+    assert head.endswith(b"\n") and len(head.split(b"\n")[-2]) == len(b"line 000000")  # whole lines only
+    assert tail.split(b"\n", 1)[1].startswith(b"line ")  # the tail starts at a line start too
+    assert b"bytes cut from the middle of this log (MAX_JOB_LOG_BYTES) ...]\n" in tail
+    assert len(data) <= 100_000 + 120
+    assert truncate_log(target, tmp_path / "again.log", 10**9, "x") is False
+
+
+def test_fit_budgets_keeps_small_logs_whole() -> None:
+    assert fit_budgets([10, 1000, 5000], 3010) == [10, 1000, 2000]
+    assert fit_budgets([10, 1000, 5000], 99) == [10, 44, 44]
+    assert fit_budgets([10, 20], 1000) == [10, 20]
+    assert fit_budgets([], 5) == []
