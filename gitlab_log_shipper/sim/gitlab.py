@@ -26,7 +26,6 @@ import logging
 import math
 import random
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -34,10 +33,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from ._loopback import DISCONNECTS as _DISCONNECTS
+from ._loopback import LoopbackHandler, LoopbackServer, LoopbackService
 from .logs import iter_log, log_size
 from .world import (
     AVAILABLE_STATUSES,
@@ -65,7 +65,6 @@ Requests to anything else are counted as ``"unknown"``."""
 
 GITLAB_VERSION = "19.5.0-pre"
 _TRACE_CHUNK = 64 * 1024
-_DISCONNECTS = (ConnectionError, TimeoutError)
 # GitLab.com's authenticated API limit, shown in RateLimit-* headers when no limit is enforced.
 _DISPLAY_RATE_LIMIT = 2000
 _EMPTY_SHA = "0" * 40
@@ -802,55 +801,12 @@ def _route(path: str) -> tuple[str, list[str]]:
     return "unknown", []
 
 
-class _Server(ThreadingHTTPServer):
-    """Daemon-threaded server that knows its simulator and can hang up on its open connections."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], sim: GitLabSimulator, family: socket.AddressFamily) -> None:
-        self.address_family = family
-        self.sim = sim
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up (timeouts, resets, our own dropped traces) are normal: stay quiet.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (*_DISCONNECTS, OSError)):
-            return
-        logger.exception("GitLab simulator: unexpected error serving %s", client_address)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     """One connection; requests are answered per :class:`GitLabSimulator`'s rules."""
 
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as python-gitlab's session expects
+    # HTTP/1.1 keep-alive (as python-gitlab's session expects) and Nagle off come from LoopbackHandler.
+    server: LoopbackServer[GitLabSimulator]
     server_version = "nginx"
-    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm and the
-    # client's delayed ACK add ~40 ms to every answer.
-    disable_nagle_algorithm = True
     timeout = 120  # an idle keep-alive connection is closed after this many seconds
 
     def version_string(self) -> str:
@@ -877,7 +833,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._head = head
         self._headers_sent = False
         try:
-            self.server.sim._answer(self)
+            self.server.owner._answer(self)
         except _DISCONNECTS:
             self.close_connection = True
         except Exception:
@@ -901,7 +857,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._head = False
         self._headers_sent = False
         endpoint, _ = _route(urlsplit(self.path).path)
-        self.server.sim._count(endpoint)
+        self.server.owner._count(endpoint)
         if endpoint == "unknown":
             self.send_json(404, {"error": "404 Not Found"})
         else:
@@ -932,7 +888,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_head_only(status, headers)
         if not self._head and body:
             self.wfile.write(body)
-            self.server.sim._add_bytes(len(body))
+            self.server.owner._add_bytes(len(body))
 
     def send_json(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
         body = _dumps(payload)
@@ -943,14 +899,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_body(status, body, headers)
 
 
-class GitLabSimulator:
+class GitLabSimulator(LoopbackService):
     """GitLab's REST API over HTTP on loopback, answering from a :class:`World`.
 
-    Use as a context manager (or :meth:`start` / :meth:`stop`). ``url`` is the base (the API is under
-    ``/api/v4``), what you give python-gitlab. Requests are answered in this order: counted, delayed by
-    ``faults.latency``, an :meth:`inject`-ed answer if one matches, 429 if over ``faults.rate_limit``,
-    a random error page per ``faults.error_rate``, 401 on a bad token, then the API itself.
+    Use as a context manager (or :meth:`start` / :meth:`stop`). ``url`` is the base, e.g.
+    ``http://127.0.0.1:PORT`` (the API is under ``/api/v4``), what you give python-gitlab. Requests are
+    answered in this order: counted, delayed by ``faults.latency``, an :meth:`inject`-ed answer if one
+    matches, 429 if over ``faults.rate_limit``, a random error page per ``faults.error_rate``, 401 on a
+    bad token, then the API itself.
     """
+
+    _handler = _Handler
+    _label = "GitLab simulator"
+    _thread_name = "gitlab-sim"
+    # Clients hanging up (timeouts, resets, our own dropped traces) are normal: so is any socket error.
+    _quiet_errors = (OSError,)
+    _logger = logger
 
     COUNT_LIMIT = 10_000
     """Above this many rows GitLab stops counting: no X-Total, X-Total-Pages or rel="last"."""
@@ -958,9 +922,8 @@ class GitLabSimulator:
     MAX_PER_PAGE = 100
 
     def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None) -> None:
+        super().__init__(host, port)
         self.world = world
-        self.host = host
-        self.port = port
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()
         # Faults actually served, by kind: "injected", "rate_limited", "error_page", "unauthorized",
@@ -975,48 +938,6 @@ class GitLabSimulator:
         self._rate_window_start = 0.0
         self._rate_count = 0
         self._dropped_jobs: set[int] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle --------------------------------------------------------------------------------
-
-    def start(self) -> GitLabSimulator:
-        """Bind (port 0 picks a free port) and serve from a daemon thread; returns self."""
-        if self._server is not None:
-            raise RuntimeError("simulator already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._server = _Server((self.host, self.port), self, family)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"gitlab-sim-{self.port}", daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and hang up open connections; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> GitLabSimulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``: the base URL (known once started)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
     # -- test controls ----------------------------------------------------------------------------
 

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import socket
-import socketserver
-import sys
 import tempfile
 import threading
 import time
@@ -28,10 +26,12 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Union
 from urllib.parse import urlsplit
+
+from ._loopback import DISCONNECTS as _DISCONNECTS
+from ._loopback import LoopbackHandler, LoopbackServer, LoopbackService
 
 __all__ = ["Headers", "Receiver", "RecordedRequest", "Reply", "Script"]
 
@@ -55,9 +55,6 @@ _INFLATE_STEP = 1024 * 1024
 
 _MAX_LINE = 64 * 1024
 """Longest chunk-size or trailer line accepted in a chunked body."""
-
-# A client hanging up (timeout on its side, reset, broken pipe) is normal in these tests, not an error.
-_DISCONNECTS = (ConnectionError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -238,65 +235,12 @@ class _BodyReader:
         return "" if self.too_large else self._hash.hexdigest()
 
 
-class _Server(ThreadingHTTPServer):
-    """The listening socket; one daemon thread per connection, open connections tracked for stop()."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # socketserver's 5 drops SYNs under a burst; the client then stalls ~1 s
-
-    def __init__(self, address: tuple[str, int], receiver: Receiver, family: socket.AddressFamily) -> None:
-        self.address_family = family
-        self.receiver = receiver
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host with getfqdn(), which can stall for seconds on a
-        # machine without working reverse DNS; the name is only used for logging.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback to stderr for everything; a client hanging up is routine here,
-        # anything else (a dump_dir that cannot be written, a bug) is worth one logged error.
-        if isinstance(sys.exc_info()[1], _DISCONNECTS):
-            logger.debug("receiver: client %s disconnected", client_address, exc_info=True)
-        else:
-            logger.error("receiver: error while serving %s", client_address, exc_info=True)
-
-    def close_connections(self) -> None:
-        """Hang up on every open connection, so idle keep-alive threads end with the server."""
-        with self.connections_lock:
-            conns = list(self.connections)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     """Turns one HTTP request into a RecordedRequest and an answer; all policy lives in Receiver."""
 
-    protocol_version = "HTTP/1.1"  # keep-alive, so a retrying client reuses its connection as in production
-    # Headers and body go out in separate writes; with Nagle on, a keep-alive client waits ~40 ms for
-    # the delayed ACK on every request.
-    disable_nagle_algorithm = True
+    # HTTP/1.1 keep-alive (a retrying client reuses its connection, as in production), Nagle off.
     server_version = "gitlab-log-shipper-receiver"
-    server: _Server
+    server: LoopbackServer[Receiver]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         logger.debug("receiver: " + format, *args)
@@ -305,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = urlsplit(self.path).path
         if route == "/health":
             self._send(Reply(200, '{"status": "ok"}'))
-        elif route == self.server.receiver.path:
+        elif route == self.server.owner.path:
             self._send(Reply(405, '{"error": "method not allowed"}', {"Allow": "POST"}))
         else:
             self._send(Reply(404, '{"error": "not found"}'))
@@ -318,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _refuse_other_methods(self) -> None:
-        if urlsplit(self.path).path == self.server.receiver.path:
+        if urlsplit(self.path).path == self.server.owner.path:
             reply = Reply(405, '{"error": "method not allowed"}', {"Allow": "POST"})
         else:
             reply = Reply(404, '{"error": "not found"}')
@@ -337,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             reader.feed(piece)
 
     def _serve_post(self) -> None:
-        receiver = self.server.receiver
+        receiver = self.server.owner
         reader = _BodyReader(
             self.headers.get("Content-Encoding", ""),
             store=receiver.store_bodies,
@@ -377,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _rejection(self, recorded: RecordedRequest, reader: _BodyReader) -> Reply | None:
         """What the API's front end answers before any script is consulted, or None to let it decide."""
-        receiver = self.server.receiver
+        receiver = self.server.owner
         if urlsplit(self.path).path != receiver.path:
             return Reply(404, '{"error": "not found"}')
         if receiver.token is not None and recorded.header("Authorization") != f"Bearer {receiver.token}":
@@ -474,7 +418,7 @@ def _guess_content_type(body: bytes) -> str:
     return "text/plain; charset=utf-8"
 
 
-class Receiver:
+class Receiver(LoopbackService):
     """A recording, scriptable log-analysis API on loopback; use as a context manager.
 
     Before the script is consulted, a wrong or missing bearer token (when ``token`` is set) gets
@@ -482,6 +426,11 @@ class Receiver:
     reply. ``delay`` is latency added to every answer. With ``dump_dir`` set, each accepted JSON body is
     also written to ``dump_dir/<n>-pipeline-<pipeline_id>.json`` (n counts dumps from 1).
     """
+
+    _handler = _Handler
+    _label = "receiver"
+    _thread_name = "receiver"
+    _logger = logger
 
     def __init__(
         self,
@@ -504,8 +453,7 @@ class Receiver:
             raise ValueError(f"delay must be >= 0, got {delay}")
         if dump_dir is not None and not store_bodies:
             raise ValueError("dump_dir needs the bodies: it cannot be combined with store_bodies=False")
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.token = token
         self.max_bytes = max_bytes
         self.delay = delay
@@ -518,55 +466,23 @@ class Receiver:
         self._decider: Callable[[RecordedRequest], Reply] | None = None
         self._dumps = 0
         self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.set_script(script)
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    # start(), stop(), the context manager: LoopbackService. stop() also wakes delayed answers.
 
-    def start(self) -> Receiver:
-        """Bind (port 0 picks a free port) and serve in a daemon thread; returns self."""
-        if self._server is not None:
-            raise RuntimeError("receiver already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+    def _on_start(self) -> None:
         self._stopping.clear()
-        self._server = _Server((self.host, self.port), self, family)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"receiver-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop serving, hang up open connections and wake delayed answers; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopping.set()
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _on_stop(self) -> None:
+        self._stopping.set()  # delayed answers wake up and hang up instead of answering
 
     @property
     def url(self) -> str:
         """The full POST URL, e.g. ``http://127.0.0.1:41234/logs`` (known once started)."""
         if self._server is None:
             raise RuntimeError("receiver not started: its port is not known yet")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.path}"
+        return f"{super().url}{self.path}"
 
     # -- what the tests read -----------------------------------------------------------------------
 
