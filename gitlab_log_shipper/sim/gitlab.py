@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -957,9 +958,12 @@ class GitLabSimulator:
 
     MAX_PER_PAGE = 100
 
-    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None) -> None:
+    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.world = world
         self.host = host
+        # A server-side SSLContext serves https (for TLS tests: private CA, verification switched off).
+        self.tls = tls
         self.port = port
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -986,6 +990,8 @@ class GitLabSimulator:
             raise RuntimeError("simulator already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._server = _Server((self.host, self.port), self, family)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -1014,9 +1020,9 @@ class GitLabSimulator:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``: the base URL (known once started)."""
+        """``http://127.0.0.1:PORT`` (``https`` with ``tls``): the base URL (known once started)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     # -- test controls ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import sys
 import tempfile
 import threading
@@ -495,6 +496,7 @@ class Receiver:
         store_bodies: bool = True,
         path: str = "/logs",
         dump_dir: str | Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
@@ -512,6 +514,7 @@ class Receiver:
         self.store_bodies = store_bodies
         self.path = path
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.tls = tls  # a server-side SSLContext serves https
         self._lock = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._queue: deque[Reply] = deque()
@@ -531,6 +534,8 @@ class Receiver:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._stopping.clear()
         self._server = _Server((self.host, self.port), self, family)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -566,7 +571,7 @@ class Receiver:
         if self._server is None:
             raise RuntimeError("receiver not started: its port is not known yet")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{self.path}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{self.path}"
 
     # -- what the tests read -----------------------------------------------------------------------
 
