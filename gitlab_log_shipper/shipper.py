@@ -40,6 +40,7 @@ from .payload import (
     write_document,
 )
 from .poster import ApiPoster, RequestLog
+from .redact import Redactor
 from .source import GitLabSource, ProjectRef
 from .state import StateStore
 from .timeutil import parse_ts, utcnow
@@ -136,6 +137,7 @@ class Shipper:
         self.source = source or GitLabSource(config)
         self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
         self.files = FileOutput(config.log_output_dir) if config.writes_files else None
+        self.redactor = Redactor.from_config(config)  # LOG_REDACT_PATTERNS; None when off
         self.spool_root = config.state_dir / "spool" / str(os.getpid())
         _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
@@ -344,6 +346,8 @@ class Shipper:
                 log_path = spool / f"job-{job['id']}.log"
                 with open(log_path, "w+b") as out:
                     result.log_bytes += self.source.fetch_trace(project.id, int(job["id"]), out)
+                if self.redactor:  # masked in the spool, so the document and the files both get the masked log
+                    self.redactor.redact_file(log_path, what=f"pipeline {pipeline_id}: log of job {job['id']}")
             jobs.append(JobLog(job_fields(job), log_path))
         result.jobs = len(jobs)
         commit_email = None
