@@ -198,22 +198,35 @@ def _human(seconds: float) -> str:
 
 
 def _http_url(name: str, raw: str, *, allow_query: bool = True) -> str:
+    """An http(s) URL with a host, no credentials, no whitespace. Error messages show it without its
+    user info and query, where secrets would be."""
     url = raw.strip()
+    shown = repr(_without_secrets(url))
     if any(ch.isspace() or ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in url):
-        raise ConfigError(name, f"contains whitespace or control characters: {url!r}")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, f"expected an http:// or https:// URL, got {url!r}")
-    if not allow_query and (parts.query or parts.fragment):
-        raise ConfigError(name, f"must be the base URL, without ?query or #fragment: {url!r}")
+        raise ConfigError(name, f"contains whitespace or control characters: {shown}")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # "http://[::1" and the like
+        raise ConfigError(name, f"is not a valid URL: {shown}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise ConfigError(name, f"expected an http:// or https:// URL, got {shown}")
     if parts.username or parts.password:
         # Credentials in a URL end up in logs; the tokens have their own variables.
         raise ConfigError(name, "must not contain credentials; use the token variables")
+    if not allow_query and (parts.query or parts.fragment):
+        raise ConfigError(name, f"must be the base URL, without ?query or #fragment: {shown}")
     try:
         parts.port
     except ValueError:
-        raise ConfigError(name, f"has an invalid port: {url!r}") from None
+        raise ConfigError(name, f"has an invalid port: {shown}") from None
     return url
+
+
+def _without_secrets(url: str) -> str:
+    """``https://user:pw@host/p?token=x`` → ``https://***@host/p?***`` for error messages."""
+    text = re.sub(r"^([^:/?#]*://)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"[?#].*$", "?***", text)
 
 
 def _list(raw: str) -> list[str]:
@@ -246,13 +259,13 @@ def _pipeline_status_filter(name: str, raw: str) -> frozenset[str] | None:
 def _ca_bundle(name: str, raw: str) -> Path:
     """A PEM file of CA certificates (or an OpenSSL hashed folder of them) that must load now."""
     path = Path(raw).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: False rather than an exception for a name too long
         try:
             os.listdir(path)
         except OSError as exc:
             raise ConfigError(name, f"cannot read the folder {raw!r}: {exc.strerror or exc}") from None
         return path
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise ConfigError(name, f"no such file: {raw!r}")
     try:
         ssl.create_default_context(cafile=str(path))
@@ -429,7 +442,7 @@ def prepare_directories(config: Config) -> None:
 
 
 def _usable_folder(name: str, folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
+    if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ConfigError(name, f"{str(folder)!r} exists and is not a folder")
     try:
         private_mkdir(folder)
