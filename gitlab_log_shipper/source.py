@@ -41,7 +41,7 @@ MAX_ID = 2**63 - 1  # GitLab ids are bigint
 # Headers that carry a GitLab credential; none of them may follow a redirect to another origin.
 CREDENTIAL_HEADERS = ("PRIVATE-TOKEN", "JOB-TOKEN", "Authorization")
 # What a python-gitlab call can raise on a bad answer; MalformedAnswer (a ValueError) is ours.
-_ERRORS = (gitlab.exceptions.GitlabError, requests.RequestException, ValueError, KeyError, TypeError, AttributeError)
+_ERRORS = (gitlab.exceptions.GitlabError, requests.RequestException, ValueError, KeyError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class GitLabSession(requests.Session):
       origin but keeps every other header, so python-gitlab would hand the token to whatever host a
       redirect names. Here a redirect to another origin strips every credential header and is refused
       (an https upgrade on the same host is allowed, as requests allows it for Authorization).
+      Nothing legitimate needs a cross-origin redirect: the API serves even job logs in the body
+      (``build.trace.raw``), never as a redirect to object storage.
     * A certificate-verification failure would otherwise be retried by python-gitlab as a transient
       connection error (up to ten times, about 100 s); it fails at once with a message naming the setting.
     """
@@ -135,7 +137,7 @@ def _translate(what: str, exc: Exception) -> GitLabSourceError:
         return GitLabSourceError(f"{what}: cannot reach GitLab ({exc.__class__.__name__})")
     if isinstance(exc, MalformedAnswer):
         return GitLabSourceError(f"{what}: unexpected answer from GitLab: {escape_controls(str(exc))[:200]}")
-    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
+    if isinstance(exc, (ValueError, KeyError, TypeError)):
         return GitLabSourceError(f"{what}: unexpected answer from GitLab ({exc.__class__.__name__})")
     return GitLabSourceError(f"{what}: {exc.__class__.__name__}")
 
