@@ -6,6 +6,7 @@ Each command parses, calls one library function and formats the result. This is 
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from datetime import datetime
@@ -14,13 +15,17 @@ from typing import Iterator, NoReturn
 import click
 
 from . import __version__
-from .config import Config, load_config, parse_duration
+from .config import Config, load_config, parse_duration, prepare_directories
 from .daemon import install_signal_handlers, run_forever
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
 from .logsetup import setup_logging
+from .security import startup_warnings, tightened_umask
 from .shipper import SHIPPED, CycleReport, ShipResult, Shipper
 from .timeutil import parse_ts, utcnow
+
+log = logging.getLogger("gitlab_log_shipper")
+
 
 def _fail(exc: ShipperError) -> NoReturn:
     prefix = "configuration error" if isinstance(exc, ConfigError) else "error"
@@ -29,11 +34,17 @@ def _fail(exc: ShipperError) -> NoReturn:
 
 
 def _load(ctx: click.Context) -> Config:
+    """Configuration, private file modes (umask 077 on top of the current one, for this command), the
+    folders (created 0700 and proven writable) and logging; then the security warnings of every start."""
+    ctx.with_resource(tightened_umask())
     try:
         config = load_config(ctx.obj.get("env_file"))
+        prepare_directories(config)
+        setup_logging(config)
     except ConfigError as exc:
         _fail(exc)
-    setup_logging(config)
+    for warning in startup_warnings(config):
+        log.warning("%s", warning)
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
     return config

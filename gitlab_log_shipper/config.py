@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +22,8 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from .errors import ConfigError
+from .redact import PatternError, parse_patterns
+from .security import plain_http_to_remote, private_mkdir
 
 # Statuses GitLab uses for pipelines and jobs (CI::HasStatus). Filters naming anything else are typos.
 PIPELINE_STATUSES = frozenset(
@@ -36,6 +40,13 @@ IGNORED_VARIABLES = ("WEBHOOK_PORT", "WEBHOOK_SECRET")
 
 T = TypeVar("T")
 
+# Upper bounds: beyond them a value is a typo, and some would overflow a sleep or a date computation.
+MAX_TIMEOUT = 3600.0
+WEEK = 7 * 86400.0
+MAX_LOOKBACK = 3650 * 86400.0  # ten years: GitLab CI is not much older
+MAX_RETRY_ATTEMPTS = 100
+MAX_RETRY_DELAY = 600.0
+
 
 @dataclass(frozen=True)
 class Config:
@@ -46,6 +57,8 @@ class Config:
     gitlab_projects: tuple[str, ...] = ()
     gitlab_groups: tuple[str, ...] = ()
     gitlab_timeout: float = 30.0
+    gitlab_tls_verify: bool = True
+    gitlab_ca_bundle: Path | None = None
 
     poll_interval: float = 60.0
     poll_overlap: float = 300.0
@@ -72,6 +85,12 @@ class Config:
     api_post_timeout: float = 30.0
     api_post_retry_enabled: bool = True
     api_post_save_to_file: bool = False
+    api_post_tls_verify: bool = True
+    api_post_ca_bundle: Path | None = None
+    api_post_allow_insecure: bool = False
+
+    # LOG_REDACT_PATTERNS, compiled; empty = off. Not in repr: a pattern may spell out a secret.
+    log_redact_patterns: tuple[re.Pattern[bytes], ...] = field(default=(), repr=False)
 
     outbox_max_bytes: int = 5 * 1024**3
     outbox_max_age: float = 7 * 86400.0
@@ -103,6 +122,16 @@ class Config:
         return self.mode in ("api", "dual")
 
     @property
+    def gitlab_verify(self) -> bool | str:
+        """python-gitlab's ``ssl_verify``: the CA bundle's path, else whether to verify at all."""
+        return str(self.gitlab_ca_bundle) if self.gitlab_ca_bundle else self.gitlab_tls_verify
+
+    @property
+    def api_post_verify(self) -> bool | str:
+        """requests' ``verify`` for POSTs: the CA bundle's path, else whether to verify at all."""
+        return str(self.api_post_ca_bundle) if self.api_post_ca_bundle else self.api_post_tls_verify
+
+    @property
     def api_requests_log(self) -> Path:
         return self.log_dir / "api-requests.log"
 
@@ -128,7 +157,7 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(name, f"expected true or false, got {raw!r}")
 
 
-def _number(name: str, raw: str, *, minimum: float, integer: bool = False) -> float:
+def _number(name: str, raw: str, *, minimum: float, maximum: float, integer: bool = False) -> float:
     try:
         value = int(raw.strip()) if integer else float(raw.strip())
     except ValueError:
@@ -138,13 +167,8 @@ def _number(name: str, raw: str, *, minimum: float, integer: bool = False) -> fl
         raise ConfigError(name, f"expected a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum:g}, got {raw!r}")
-    return value
-
-
-def _bounded(name: str, raw: str, low: int, high: int) -> int:
-    value = int(_number(name, raw, minimum=low, integer=True))
-    if value > high:
-        raise ConfigError(name, f"must be at most {high}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {raw!r}")
     return value
 
 
@@ -153,20 +177,28 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(raw: str) -> timedelta | None:
-    """``90``, ``90s``, ``15m``, ``1h``, ``2d``, ``1w`` → timedelta; None when unparseable."""
+    """``90``, ``90s``, ``15m``, ``1h``, ``2d``, ``1w`` → timedelta; None when unparseable or beyond
+    what a timedelta can hold."""
     match = _DURATION.match(raw)
     if not match:
         return None
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    except OverflowError:
+        return None
 
 
-def _duration(name: str, raw: str, *, minimum: float) -> float:
+def _duration(name: str, raw: str, *, minimum: float, maximum: float) -> float:
     value = parse_duration(raw)
     if value is None:
+        if _DURATION.match(raw):
+            raise ConfigError(name, f"must be at most {_human(maximum)}, got {raw!r}")
         raise ConfigError(name, f"expected seconds or a duration like 30s, 15m, 1h, 2d; got {raw!r}")
     seconds = value.total_seconds()
     if seconds < minimum:
         raise ConfigError(name, f"must be at least {minimum:g} seconds, got {raw!r}")
+    if seconds > maximum:
+        raise ConfigError(name, f"must be at most {_human(maximum)}, got {raw!r}")
     return seconds
 
 
@@ -202,19 +234,43 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _http_url(name: str, raw: str) -> str:
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g} seconds"
+
+
+def _http_url(name: str, raw: str, *, allow_query: bool = True) -> str:
+    """An http(s) URL with a host, no credentials, no whitespace. Error messages show it without its
+    user info and query, where secrets would be."""
     url = raw.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, f"expected an http:// or https:// URL, got {url!r}")
+    shown = repr(_without_secrets(url))
+    if any(ch.isspace() or ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in url):
+        raise ConfigError(name, f"contains whitespace or control characters: {shown}")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # "http://[::1" and the like
+        raise ConfigError(name, f"is not a valid URL: {shown}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise ConfigError(name, f"expected an http:// or https:// URL, got {shown}")
     if parts.username or parts.password:
         # Credentials in a URL end up in logs; the tokens have their own variables.
         raise ConfigError(name, "must not contain credentials; use the token variables")
+    if not allow_query and (parts.query or parts.fragment):
+        raise ConfigError(name, f"must be the base URL, without ?query or #fragment: {shown}")
     try:
         parts.port
     except ValueError:
-        raise ConfigError(name, f"has an invalid port: {url!r}") from None
+        raise ConfigError(name, f"has an invalid port: {shown}") from None
     return url
+
+
+def _without_secrets(url: str) -> str:
+    """``https://user:pw@host/p?token=x`` → ``https://***@host/p?***`` for error messages."""
+    text = re.sub(r"^([^:/?#]*://)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"[?#].*$", "?***", text)
 
 
 def _list(raw: str) -> list[str]:
@@ -233,6 +289,35 @@ def _status_filter(name: str, raw: str, allowed: frozenset[str]) -> frozenset[st
     if unknown:
         raise ConfigError(name, f"unknown status {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
     return frozenset(items)
+
+
+def _pipeline_status_filter(name: str, raw: str) -> frozenset[str] | None:
+    """Like :func:`_status_filter`; a list with no finished status would ship nothing, ever."""
+    statuses = _status_filter(name, raw, PIPELINE_STATUSES)
+    if statuses is not None and not statuses & FINISHED_STATUSES:
+        raise ConfigError(name, f"names no finished status, so nothing would ever be shipped; only "
+                                f"{', '.join(sorted(FINISHED_STATUSES))} pipelines are shipped")
+    return statuses
+
+
+def _ca_bundle(name: str, raw: str) -> Path:
+    """A PEM file of CA certificates (or an OpenSSL hashed folder of them) that must load now."""
+    path = Path(raw).expanduser()
+    if os.path.isdir(path):  # os.path: False rather than an exception for a name too long
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read the folder {raw!r}: {exc.strerror or exc}") from None
+        return path
+    if not os.path.isfile(path):
+        raise ConfigError(name, f"no such file: {raw!r}")
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise ConfigError(name, f"{raw!r} holds no usable PEM CA certificate") from None
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {raw!r}: {exc.strerror or exc}") from None
+    return path
 
 
 def _project_ids(name: str, raw: str) -> frozenset[int]:
@@ -300,7 +385,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
             raise ConfigError(name, "is required but not set")
         return value
 
-    gitlab_url = _http_url("GITLAB_URL", required("GITLAB_URL")).rstrip("/")
+    gitlab_url = _http_url("GITLAB_URL", required("GITLAB_URL"), allow_query=False).rstrip("/")
     gitlab_token = required("GITLAB_TOKEN")
     if len(gitlab_token) < 10:
         raise ConfigError("GITLAB_TOKEN", "looks truncated (shorter than 10 characters)")
@@ -317,8 +402,32 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
     if api_post_enabled and api_post_url is None:
         raise ConfigError("API_POST_URL", "is required when API_POST_ENABLED=true")
     api_token = get("API_POST_AUTH_TOKEN")
-    if api_token is not None and any(ch.isspace() or ord(ch) < 32 for ch in api_token):
+    if api_token is not None and any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in api_token):
         raise ConfigError("API_POST_AUTH_TOKEN", "contains whitespace or control characters")
+    if api_token is not None and api_token == gitlab_token:
+        raise ConfigError("API_POST_AUTH_TOKEN", "is GITLAB_TOKEN itself: the receiver would be handed access to "
+                                                 "GitLab; give it a token of its own")
+
+    # Transport: TLS is verified unless switched off explicitly; a private CA is given as a bundle.
+    gitlab_tls_verify = opt("GITLAB_TLS_VERIFY", "true", _bool)
+    gitlab_ca_bundle = _ca_bundle("GITLAB_CA_BUNDLE", get("GITLAB_CA_BUNDLE")) if get("GITLAB_CA_BUNDLE") else None
+    if gitlab_ca_bundle and not gitlab_tls_verify:
+        raise ConfigError("GITLAB_CA_BUNDLE", "is set while GITLAB_TLS_VERIFY=false; a CA bundle is only used to "
+                                              "verify certificates: remove one of the two")
+    api_tls_verify = opt("API_POST_TLS_VERIFY", "true", _bool)
+    api_ca_bundle = _ca_bundle("API_POST_CA_BUNDLE", get("API_POST_CA_BUNDLE")) if get("API_POST_CA_BUNDLE") else None
+    if api_ca_bundle and not api_tls_verify:
+        raise ConfigError("API_POST_CA_BUNDLE", "is set while API_POST_TLS_VERIFY=false; a CA bundle is only used "
+                                                "to verify certificates: remove one of the two")
+    allow_insecure = opt("API_POST_ALLOW_INSECURE", "false", _bool)
+    if api_post_enabled and api_token and plain_http_to_remote(api_post_url) and not allow_insecure:
+        raise ConfigError("API_POST_URL", "is plain http to a non-loopback host, so the bearer token would travel "
+                                          "unencrypted; use https, or set API_POST_ALLOW_INSECURE=true to accept that")
+
+    try:
+        redact_patterns = parse_patterns(env.get("LOG_REDACT_PATTERNS") or "")
+    except PatternError as exc:
+        raise ConfigError("LOG_REDACT_PATTERNS", str(exc)) from None
 
     save_projects = opt("LOG_SAVE_PROJECTS", "", lambda n, r: _project_ids(n, r))
     exclude_projects = opt("LOG_EXCLUDE_PROJECTS", "", lambda n, r: _project_ids(n, r))
@@ -332,18 +441,21 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         gitlab_token=gitlab_token,
         gitlab_projects=opt("GITLAB_PROJECTS", "", _refs),
         gitlab_groups=opt("GITLAB_GROUPS", "", _refs),
-        gitlab_timeout=opt("GITLAB_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1)),
-        poll_interval=opt("POLL_INTERVAL", "60", lambda n, r: _duration(n, r, minimum=1)),
-        poll_overlap=opt("POLL_OVERLAP", "300", lambda n, r: _duration(n, r, minimum=0)),
-        initial_lookback=opt("INITIAL_LOOKBACK", "1h", lambda n, r: _duration(n, r, minimum=0)),
-        discovery_interval=opt("DISCOVERY_INTERVAL", "600", lambda n, r: _duration(n, r, minimum=1)),
+        gitlab_timeout=opt("GITLAB_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1, maximum=MAX_TIMEOUT)),
+        gitlab_tls_verify=gitlab_tls_verify,
+        gitlab_ca_bundle=gitlab_ca_bundle,
+        poll_interval=opt("POLL_INTERVAL", "60", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
+        poll_overlap=opt("POLL_OVERLAP", "300", lambda n, r: _duration(n, r, minimum=0, maximum=WEEK)),
+        initial_lookback=opt("INITIAL_LOOKBACK", "1h", lambda n, r: _duration(n, r, minimum=0, maximum=MAX_LOOKBACK)),
+        discovery_interval=opt("DISCOVERY_INTERVAL", "600", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
         state_dir=state_dir,
         log_dir=log_dir,
         log_output_dir=log_output_dir,
         log_level=log_level,
-        retry_attempts=int(opt("RETRY_ATTEMPTS", "3", lambda n, r: _number(n, r, minimum=0, integer=True))),
-        retry_delay=opt("RETRY_DELAY", "2", lambda n, r: _number(n, r, minimum=0)),
-        save_pipeline_status=opt("LOG_SAVE_PIPELINE_STATUS", "all", lambda n, r: _status_filter(n, r, PIPELINE_STATUSES)),
+        retry_attempts=int(opt("RETRY_ATTEMPTS", "3", lambda n, r: _number(n, r, minimum=0, maximum=MAX_RETRY_ATTEMPTS,
+                                                                            integer=True))),
+        retry_delay=opt("RETRY_DELAY", "2", lambda n, r: _number(n, r, minimum=0, maximum=MAX_RETRY_DELAY)),
+        save_pipeline_status=opt("LOG_SAVE_PIPELINE_STATUS", "all", _pipeline_status_filter),
         save_projects=save_projects,
         exclude_projects=exclude_projects,
         save_job_status=opt("LOG_SAVE_JOB_STATUS", "all", lambda n, r: _status_filter(n, r, JOB_STATUSES)),
@@ -351,18 +463,49 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         api_post_enabled=api_post_enabled,
         api_post_url=api_post_url,
         api_post_auth_token=api_token,
-        api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1)),
+        api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1, maximum=MAX_TIMEOUT)),
         api_post_retry_enabled=opt("API_POST_RETRY_ENABLED", "true", _bool),
         api_post_save_to_file=opt("API_POST_SAVE_TO_FILE", "false", _bool),
         outbox_max_bytes=opt("OUTBOX_MAX_BYTES", "5G", lambda n, r: _size(n, r, minimum=1024 * 1024)),
-        outbox_max_age=opt("OUTBOX_MAX_AGE", "7d", lambda n, r: _duration(n, r, minimum=60)),
-        outbox_retry_max=opt("OUTBOX_RETRY_MAX", "15m", lambda n, r: _duration(n, r, minimum=1)),
-        concurrency=int(opt("CONCURRENCY", "4", lambda n, r: _bounded(n, r, 1, 64))),
-        gitlab_max_requests_per_second=opt("GITLAB_MAX_REQUESTS_PER_SECOND", "0", lambda n, r: _number(n, r, minimum=0)),
+        outbox_max_age=opt("OUTBOX_MAX_AGE", "7d", lambda n, r: _duration(n, r, minimum=60, maximum=MAX_LOOKBACK)),
+        outbox_retry_max=opt("OUTBOX_RETRY_MAX", "15m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
+        concurrency=int(opt("CONCURRENCY", "4", lambda n, r: _number(n, r, minimum=1, maximum=64, integer=True))),
+        gitlab_max_requests_per_second=opt("GITLAB_MAX_REQUESTS_PER_SECOND", "0", lambda n, r: _number(n, r, minimum=0, maximum=10000)),
         poll_child_pipelines=opt("POLL_CHILD_PIPELINES", "true", _bool),
         api_post_compression=opt("API_POST_COMPRESSION", "none", lambda n, r: _choice(n, r, ("none", "gzip"))),
         max_job_log_bytes=opt("MAX_JOB_LOG_BYTES", "100M", lambda n, r: _size(n, r, minimum=4096)),
         api_post_max_bytes=opt("API_POST_MAX_BYTES", "0", lambda n, r: 0 if r.strip() == "0" else _size(n, r, minimum=64 * 1024)),
         shard=opt("SHARD", "0/1", _shard),
+        api_post_tls_verify=api_tls_verify,
+        api_post_ca_bundle=api_ca_bundle,
+        api_post_allow_insecure=allow_insecure,
+        log_redact_patterns=redact_patterns,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
     )
+
+
+def prepare_directories(config: Config) -> None:
+    """Create ``STATE_DIR``, ``LOG_DIR`` and (when files are written) ``LOG_OUTPUT_DIR`` — mode 0700 for
+    every folder created — and prove now that each can be read and written, rather than at the first
+    pipeline. A folder that cannot be is a ConfigError naming its variable."""
+    folders = [("STATE_DIR", config.state_dir), ("LOG_DIR", config.log_dir)]
+    if config.writes_files:
+        folders.append(("LOG_OUTPUT_DIR", config.log_output_dir))
+    for name, folder in folders:
+        _usable_folder(name, Path(folder))
+
+
+def _usable_folder(name: str, folder: Path) -> None:
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ConfigError(name, f"{str(folder)!r} exists and is not a folder")
+    try:
+        private_mkdir(folder)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot create {str(folder)!r}: {exc.strerror or exc}") from None
+    try:
+        os.listdir(folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(name, f"{str(folder)!r} is not readable and writable: {exc.strerror or exc}") from None

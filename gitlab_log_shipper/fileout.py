@@ -8,7 +8,11 @@
 
 Every file is written to a temporary name in the same folder, fsynced and renamed into place, so a
 reader (or a crash) never sees a half-written file; ``metadata.json`` is written last, so when it
-lists a job, that job's log is complete.
+lists a job, that job's log is complete. Files are created 0600 and folders 0700 (minus the umask).
+
+Names come from GitLab data (project and job names) and are sanitised to ``[A-Za-z0-9._-]``, at most
+100 characters, never ``.`` or ``..``; every path is also checked to stay inside ``LOG_OUTPUT_DIR``
+before anything is written, whatever the name was.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from .errors import DeliveryError
 from .payload import JobLog
+from .security import private_mkdir
 from .timeutil import format_ts
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -53,8 +59,10 @@ def job_log_name(job_id: int, job_name: str | None) -> str:
 
 
 def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None = None) -> None:
-    """Write ``data`` (or copy ``source``) to ``path`` via temp file + fsync + rename (+ fsync of the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` (or copy ``source``) to ``path`` via temp file + fsync + rename (+ fsync of the folder).
+
+    The file is created 0600 (mkstemp), its missing folders 0700."""
+    private_mkdir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -111,7 +119,16 @@ class FileOutput:
                 yield entry
 
     def pipeline_dir(self, project_name: str | None, project_id: int, pipeline_id: int) -> Path:
-        return self.project_dir(project_name, project_id) / f"pipeline_{pipeline_id}"
+        folder = self.project_dir(project_name, project_id) / f"pipeline_{int(pipeline_id)}"
+        self._check_inside(folder)
+        return folder
+
+    def _check_inside(self, path: Path) -> None:
+        """Defence in depth behind :func:`sanitize`: nothing is written outside LOG_OUTPUT_DIR."""
+        root = os.path.abspath(self.root)
+        target = os.path.abspath(path)
+        if os.path.commonpath([root, target]) != root or target == root:
+            raise DeliveryError(f"refusing to write {target!r}: outside LOG_OUTPUT_DIR {root!r}")
 
     def write_pipeline(
         self,
@@ -138,6 +155,7 @@ class FileOutput:
         for job in jobs:
             fields = dict(job.fields)
             name = job_log_name(int(fields["job_id"]), fields.get("job_name"))
+            self._check_inside(folder / name)
             if job.log_path is not None:
                 atomic_write(folder / name, source=job.log_path)
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Callable, Mapping
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import InsecureRequestWarning
 from urllib3.util.retry import Retry
 
 from . import __version__
 from .config import Config
+from .security import escape_for_log, mask_secrets, open_private, private_mkdir
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +108,6 @@ class PostResult:
         return REJECTED
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
-
-
-def escape_for_log(text: str) -> str:
-    """One POST is one line: escape backslashes, newlines and every other control character."""
-    text = text.replace("\\", "\\\\")
-    return _CONTROL.sub(lambda m: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
-
-
 def format_request_line(
     when: datetime, pipeline_id: int, project_id: int, url: str, result: PostResult
 ) -> str:
@@ -133,14 +127,14 @@ def format_request_line(
 
 
 class RequestLog:
-    """Appends lines to ``api-requests.log``; one write per line so lines never interleave."""
+    """Appends lines to ``api-requests.log`` (created 0600); one write per line so lines never interleave."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_mkdir(path.parent)
 
     def write(self, line: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with open_private(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
 
@@ -153,6 +147,7 @@ class ApiPoster:
         self.url = config.api_post_url
         self.timeout = config.api_post_timeout
         self.request_log = request_log
+        self._secrets = config.secrets()
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=build_retry(config))
@@ -160,6 +155,11 @@ class ApiPoster:
         self.session.mount("https://", adapter)
         # Only our headers: no proxy credentials or .netrc passwords picked up from the environment.
         self.session.trust_env = False
+        # TLS: verified against certifi's bundle by default, API_POST_CA_BUNDLE for a private CA; switching
+        # it off (API_POST_TLS_VERIFY=false) is warned about at every start, not on every request.
+        self.session.verify = config.api_post_verify
+        if config.api_post_verify is False:
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         self.session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
         if config.api_post_auth_token:
             self.session.headers["Authorization"] = f"Bearer {config.api_post_auth_token}"
@@ -177,7 +177,10 @@ class ApiPoster:
         extra_headers: Mapping[str, str] | None = None,
     ) -> PostResult:
         """POST the JSON document stored at ``document`` (streamed from disk, rewound by urllib3 on a retry)
-        and log the outcome. Never raises for HTTP or network failures: they come back in the result."""
+        and log the outcome. Never raises for HTTP or network failures: they come back in the result.
+
+        Redirects are never followed (``allow_redirects=False``, and ``redirect=0`` in the Retry policy): a
+        3xx is a failure, so the bearer token cannot be carried to another URL, let alone another host."""
         headers = {"Idempotency-Key": idempotency_key, **(extra_headers or {})}
         if document.suffix == ".gz":  # API_POST_COMPRESSION=gzip wrote it compressed
             headers["Content-Encoding"] = "gzip"
@@ -198,8 +201,13 @@ class ApiPoster:
                 error = response.reason or f"HTTP {status}"
         except requests.RequestException as exc:
             error = _describe(exc)
+        # What the receiver said is kept for the log and the reason, with our own tokens masked: a receiver
+        # echoing the token back (in its body or reason phrase) must not get it written to disk.
+        text = mask_secrets(text, self._secrets)
+        error = mask_secrets(error, self._secrets) if error else error
         result = PostResult(status, int((time.monotonic() - started) * 1000), text, error, retry_after)
-        self.request_log.write(format_request_line(self._clock(), pipeline_id, project_id, self.url, result))
+        line = format_request_line(self._clock(), pipeline_id, project_id, self.url, result)
+        self.request_log.write(mask_secrets(line, self._secrets))
         return result
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ from .payload import (
 )
 from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
 from .poster import ApiPoster, RequestLog
+from .redact import Redactor
 from .source import GitLabSource, ProjectRef
 from .state import StateStore
 from .timeutil import parse_ts, utcnow
@@ -160,6 +161,7 @@ class Shipper:
         self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
         self.files = FileOutput(config.log_output_dir) if config.writes_files else None
         self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
+        self.redactor = Redactor.from_config(config)  # LOG_REDACT_PATTERNS; None when off
         self.spool_root = config.state_dir / "spool" / str(os.getpid())
         _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
@@ -404,6 +406,8 @@ class Shipper:
         log_path = spool / f"job-{job['id']}.log"
         with open(log_path, "w+b") as out:
             size = self.source.fetch_trace(project.id, int(job["id"]), out)
+        if self.redactor:  # masked in the spool, so the document and the files both get the masked log
+            self.redactor.redact_file(log_path, what=f"pipeline {pipeline_id}: log of job {job['id']}")
         truncated = False
         if size > self.config.max_job_log_bytes:
             cut = spool / f"job-{job['id']}.cut.log"

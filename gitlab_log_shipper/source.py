@@ -3,24 +3,33 @@
 Every python-gitlab or transport error is translated here, once, into :class:`GitLabSourceError`
 (``gone=True`` for a 404: the object was deleted, which is final). See ``gitlab-api-notes.md`` for the
 behaviours this relies on.
+
+Answers are checked here too: a 2xx whose JSON lacks a field the shipper relies on, or has it with the
+wrong type (an id that is a string, a list where an object belongs), is a GitLabSourceError like any
+other failed read, so the pipeline is tried again on a later cycle instead of ending in a KeyError.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
 
 import gitlab
 import gitlab.exceptions
 import requests
+from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .config import Config
 from .errors import GitLabSourceError
-from .timeutil import format_ts
+from .security import escape_controls, mask_secrets
+from .timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,11 @@ T = TypeVar("T")
 PER_PAGE = 100  # GitLab's maximum
 TRACE_ATTEMPTS = 3  # a trace has no Range support: a broken stream is fetched again from the start
 COMMIT_CACHE_SIZE = 1024
+MAX_ID = 2**63 - 1  # GitLab ids are bigint
+# Headers that carry a GitLab credential; none of them may follow a redirect to another origin.
+CREDENTIAL_HEADERS = ("PRIVATE-TOKEN", "JOB-TOKEN", "Authorization")
+# What a python-gitlab call can raise on a bad answer; MalformedAnswer (a ValueError) is ours.
+_ERRORS = (gitlab.exceptions.GitlabError, requests.RequestException, ValueError, KeyError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -37,37 +51,194 @@ class ProjectRef:
     path_with_namespace: str | None
 
 
+class MalformedAnswer(ValueError):
+    """GitLab answered 2xx with JSON that lacks a field we rely on or has it with the wrong type."""
+
+
+class RedirectRefused(requests.RequestException):
+    """GitLab redirected to another host, port or scheme; the token is not sent there."""
+
+
+class TLSFailure(requests.RequestException):
+    """GitLab's certificate was not trusted. A configuration problem, so never retried as transient."""
+
+
+class GitLabSession(requests.Session):
+    """The requests Session python-gitlab uses, hardened.
+
+    * ``PRIVATE-TOKEN`` is a custom header: requests drops ``Authorization`` when a redirect leaves the
+      origin but keeps every other header, so python-gitlab would hand the token to whatever host a
+      redirect names. Here a redirect to another origin strips every credential header and is refused
+      (an https upgrade on the same host is allowed, as requests allows it for Authorization).
+      Nothing legitimate needs a cross-origin redirect: the API serves even job logs in the body
+      (``build.trace.raw``), never as a redirect to object storage.
+    * A certificate-verification failure would otherwise be retried by python-gitlab as a transient
+      connection error (up to ten times, about 100 s); it fails at once with a message naming the setting.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            for name in CREDENTIAL_HEADERS:
+                prepared_request.headers.pop(name, None)
+            target = urlsplit(prepared_request.url or "")
+            raise RedirectRefused(
+                f"GitLab redirected to {target.scheme}://{target.netloc}, another origin than GITLAB_URL; the token "
+                "is not sent there. Set GITLAB_URL to GitLab's own address"
+            )
+        super().rebuild_auth(prepared_request, response)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        try:
+            return super().send(request, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            problem = _certificate_problem(exc)
+            if problem is None:
+                raise  # a handshake broken by the network: transient, python-gitlab may retry it
+            raise TLSFailure(f"GitLab's TLS certificate was rejected ({problem}); if GitLab uses a private CA, "
+                             "set GITLAB_CA_BUNDLE") from exc
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    """The verification message of an ssl.SSLCertVerificationError somewhere in ``exc``'s wrappers."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return item.verify_message or "certificate verify failed"
+        stack.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return None
+
+
 def _translate(what: str, exc: Exception) -> GitLabSourceError:
-    """python-gitlab / requests error → GitLabSourceError with a reason an operator can act on."""
+    """python-gitlab / requests error → GitLabSourceError with a reason an operator can act on.
+
+    Whatever GitLab's answer contributes is escaped: one error is one log line."""
     if isinstance(exc, gitlab.exceptions.GitlabAuthenticationError):
         return GitLabSourceError(f"{what}: GitLab rejected the token (401); check GITLAB_TOKEN and its read_api scope", status=401)
     if isinstance(exc, gitlab.exceptions.GitlabError):
         code = exc.response_code
-        message = str(exc.error_message)[:200] if exc.error_message else exc.__class__.__name__
+        message = escape_controls(str(exc.error_message))[:200] if exc.error_message else exc.__class__.__name__
         if code == 404:
             return GitLabSourceError(f"{what}: not found (404)", status=404, gone=True)
         if code == 403:
             return GitLabSourceError(f"{what}: forbidden (403); the token lacks access", status=403)
         return GitLabSourceError(f"{what}: GitLab answered {code or 'invalid data'}: {message}", status=code)
+    if isinstance(exc, (RedirectRefused, TLSFailure)):
+        return GitLabSourceError(f"{what}: {exc}")
     if isinstance(exc, requests.RequestException):
         return GitLabSourceError(f"{what}: cannot reach GitLab ({exc.__class__.__name__})")
+    if isinstance(exc, MalformedAnswer):
+        return GitLabSourceError(f"{what}: unexpected answer from GitLab: {escape_controls(str(exc))[:200]}")
     if isinstance(exc, (ValueError, KeyError, TypeError)):
         return GitLabSourceError(f"{what}: unexpected answer from GitLab ({exc.__class__.__name__})")
     return GitLabSourceError(f"{what}: {exc.__class__.__name__}")
 
 
-def _call(what: str, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except (gitlab.exceptions.GitlabError, requests.RequestException, ValueError, KeyError, TypeError) as exc:
-        raise _translate(what, exc) from exc
+# -- the shapes we rely on, checked at this boundary so the rest of the shipper can trust them -------
 
 
-def _attrs(obj: Any) -> dict[str, Any]:
+def _attrs(obj: Any, kind: str) -> dict[str, Any]:
     """A python-gitlab object's attributes as a plain dict (the JSON GitLab sent)."""
-    data = obj.asdict() if hasattr(obj, "asdict") else dict(obj)
-    if not isinstance(data, dict) or "id" not in data:
-        raise ValueError("object without id")
+    data = obj.asdict() if hasattr(obj, "asdict") else obj
+    if not isinstance(data, dict):
+        raise MalformedAnswer(f"{kind} is {type(data).__name__}, not an object")
+    return data
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _check_id(data: dict[str, Any], key: str, kind: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
+        raise MalformedAnswer(f"{kind} has no valid {key!r} (a positive integer expected, got {_show(value)})")
+    return value
+
+
+def _check_text(data: dict[str, Any], key: str, kind: str, *, required: bool = False) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise MalformedAnswer(f"{kind} has no valid {key!r} (a string expected, got {_show(value)})")
+    return value
+
+
+def _check_time(data: dict[str, Any], key: str, kind: str, *, required: bool = False) -> None:
+    value = _check_text(data, key, kind, required=required)
+    if value is not None:
+        try:
+            parse_ts(value)
+        except ValueError:
+            raise MalformedAnswer(f"{kind} has no valid {key!r} (an ISO 8601 time expected, got {_show(value)})") from None
+
+
+def _check_number(data: dict[str, Any], key: str, kind: str) -> None:
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise MalformedAnswer(f"{kind} has no valid {key!r} (a number expected, got {_show(value)})")
+
+
+def _project(obj: Any) -> ProjectRef:
+    data = _attrs(obj, "project")
+    return ProjectRef(_check_id(data, "id", "project"), _check_text(data, "name", "project"),
+                      _check_text(data, "path_with_namespace", "project"))
+
+
+def _pipeline_row(obj: Any) -> dict[str, Any]:
+    """A row of the pipelines list: the shipper uses id, status and updated_at."""
+    data = _attrs(obj, "pipeline list row")
+    kind = f"pipeline {data.get('id')!r} in the list"
+    _check_id(data, "id", kind)
+    _check_text(data, "status", kind, required=True)
+    _check_time(data, "updated_at", kind, required=True)
+    return data
+
+
+def _pipeline(obj: Any) -> dict[str, Any]:
+    """A single pipeline: every field the document and the shipping decision take from it."""
+    data = _attrs(obj, "pipeline")
+    kind = f"pipeline {data.get('id')!r}"
+    _check_id(data, "id", kind)
+    _check_id(data, "project_id", kind)
+    _check_text(data, "status", kind, required=True)
+    for key in ("created_at", "updated_at", "finished_at"):
+        _check_time(data, key, kind)
+    for key in ("ref", "sha", "source"):
+        _check_text(data, key, kind)
+    _check_number(data, "duration", kind)
+    user = data.get("user")
+    if user is not None:
+        if not isinstance(user, dict):
+            raise MalformedAnswer(f"{kind} has no valid 'user' (an object expected, got {_show(user)})")
+        _check_text(user, "name", f"{kind} user")
+        _check_text(user, "public_email", f"{kind} user")
+    return data
+
+
+def _job(obj: Any) -> dict[str, Any]:
+    data = _attrs(obj, "job")
+    kind = f"job {data.get('id')!r}"
+    _check_id(data, "id", kind)
+    _check_text(data, "name", kind, required=True)
+    _check_text(data, "status", kind, required=True)
+    for key in ("stage", "ref"):
+        _check_text(data, key, kind)
+    for key in ("created_at", "started_at", "finished_at"):
+        _check_time(data, key, kind)
+    _check_number(data, "duration", kind)
     return data
 
 
@@ -76,8 +247,9 @@ class GitLabSource:
 
     def __init__(self, config: Config) -> None:
         self.url = config.gitlab_url
-        session = requests.Session()
-        session.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
+        self._secrets = config.secrets()
+        if config.gitlab_verify is False:
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)  # warned once at start instead
         # python-gitlab retries 429 itself (Retry-After, then RateLimit-Reset) and, with
         # retry_transient_errors, 5xx too. No urllib3 Retry adapter here: it would stack a second layer.
         self.gl = gitlab.Gitlab(
@@ -88,20 +260,33 @@ class GitLabSource:
             per_page=PER_PAGE,
             keep_base_url=True,  # Link headers may name another host (behind proxies)
             user_agent=f"gitlab-log-shipper/{__version__}",
-            session=session,
+            session=GitLabSession(),
+            ssl_verify=config.gitlab_verify,  # certifi's bundle, GITLAB_CA_BUNDLE, or off (warned at start)
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"GitLabSource(url={self.url!r})"
 
+    def _error(self, what: str, exc: Exception) -> GitLabSourceError:
+        """:func:`_translate`, with our own token masked should GitLab ever echo it back."""
+        error = _translate(what, exc)
+        text = str(error)
+        masked = mask_secrets(text, self._secrets)
+        if masked != text:
+            error = GitLabSourceError(masked, status=error.status, gone=error.gone)
+        return error
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except _ERRORS as exc:
+            raise self._error(what, exc) from exc
+
     # -- projects -------------------------------------------------------------------------------
 
-    def _project_ref(self, data: dict[str, Any]) -> ProjectRef:
-        return ProjectRef(int(data["id"]), data.get("name"), data.get("path_with_namespace"))
-
     def get_project(self, ref: str | int) -> ProjectRef:
-        return _call(f"project {ref}", lambda: self._project_ref(_attrs(self.gl.projects.get(ref))))
+        return self._call(f"project {ref}", lambda: _project(self.gl.projects.get(ref)))
 
     def discover_projects(self, projects: tuple[str, ...], groups: tuple[str, ...]) -> list[ProjectRef]:
         """``GITLAB_PROJECTS`` and every project of ``GITLAB_GROUPS`` (subgroups included, projects merely
@@ -113,13 +298,13 @@ class GitLabSource:
         for group_ref in groups:
             def list_group(g: str = group_ref) -> list[ProjectRef]:
                 group = self.gl.groups.get(g, lazy=True)
-                return [self._project_ref(_attrs(p)) for p in group.projects.list(
+                return [_project(p) for p in group.projects.list(
                     iterator=True, include_subgroups=True, with_shared=False, archived=False, per_page=PER_PAGE)]
-            for project in _call(f"group {group_ref}", list_group):
+            for project in self._call(f"group {group_ref}", list_group):
                 found.setdefault(project.id, project)
         if not projects and not groups:
-            for project in _call("projects of the token's user", lambda: [
-                self._project_ref(_attrs(p))
+            for project in self._call("projects of the token's user", lambda: [
+                _project(p)
                 for p in self.gl.projects.list(iterator=True, membership=True, archived=False, per_page=PER_PAGE)
             ]):
                 found.setdefault(project.id, project)
@@ -140,28 +325,28 @@ class GitLabSource:
         queries: list[dict[str, str]] = [{}, {"source": "parent_pipeline"}] if children else [{}]
         for extra in queries:
             what = f"project {project_id}: listing {'child ' if extra else ''}pipelines"
-            iterator = _call(what, lambda: project.pipelines.list(iterator=True, **base, **extra))
+            iterator = self._call(what, lambda: project.pipelines.list(iterator=True, **base, **extra))
             while True:
                 try:
                     row = next(iterator)
                 except StopIteration:
                     break
-                except (gitlab.exceptions.GitlabError, requests.RequestException, ValueError) as exc:
-                    raise _translate(what, exc) from exc
-                yield _call(what, lambda: _attrs(row))
+                except _ERRORS as exc:
+                    raise self._error(what, exc) from exc
+                yield self._call(what, lambda: _pipeline_row(row))
 
     def get_pipeline(self, project_id: int, pipeline_id: int) -> dict[str, Any]:
-        return _call(
+        return self._call(
             f"pipeline {pipeline_id} of project {project_id}",
-            lambda: _attrs(self.gl.projects.get(project_id, lazy=True).pipelines.get(pipeline_id)),
+            lambda: _pipeline(self.gl.projects.get(project_id, lazy=True).pipelines.get(pipeline_id)),
         )
 
     def list_jobs(self, project_id: int, pipeline_id: int) -> list[dict[str, Any]]:
         """All jobs of a pipeline, every attempt (``include_retried``), all pages. Bridges are not jobs."""
         def fetch() -> list[dict[str, Any]]:
             pipeline = self.gl.projects.get(project_id, lazy=True).pipelines.get(pipeline_id, lazy=True)
-            return [_attrs(j) for j in pipeline.jobs.list(iterator=True, include_retried=True, per_page=PER_PAGE)]
-        return _call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
+            return [_job(j) for j in pipeline.jobs.list(iterator=True, include_retried=True, per_page=PER_PAGE)]
+        return self._call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
 
     def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO) -> int:
         """Stream a job's raw log into ``out``; returns its size. A stream broken midway is fetched again
@@ -183,10 +368,10 @@ class GitLabSource:
                 last = exc
                 log.warning("%s: stream broke after %d bytes (attempt %d/%d); fetching again",
                             what, size, attempt, TRACE_ATTEMPTS)
-            except (gitlab.exceptions.GitlabError, requests.RequestException, ValueError) as exc:
-                raise _translate(what, exc) from exc
+            except _ERRORS as exc:
+                raise self._error(what, exc) from exc
         assert last is not None
-        raise _translate(what, last) from last
+        raise self._error(what, last) from last
 
     def commit_author_email(self, project_id: int, sha: str | None) -> str | None:
         """The commit author's email, cached (LRU) so a pipeline costs at most one extra request."""
@@ -197,9 +382,9 @@ class GitLabSource:
             self._commit_cache.move_to_end(key)
             return self._commit_cache[key]
         try:
-            commit = _call(f"commit {sha[:12]} of project {project_id}",
-                           lambda: _attrs(self.gl.projects.get(project_id, lazy=True).commits.get(sha)))
-            email = commit.get("author_email") or None
+            what = f"commit {sha[:12]} of project {project_id}"
+            commit = self._call(what, lambda: _attrs(self.gl.projects.get(project_id, lazy=True).commits.get(sha), "commit"))
+            email = self._call(what, lambda: _check_text(commit, "author_email", "commit")) or None
         except GitLabSourceError as exc:
             if not exc.gone:
                 raise

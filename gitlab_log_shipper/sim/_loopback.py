@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,9 +104,11 @@ class LoopbackService:
     _quiet_errors: ClassVar[tuple[type[BaseException], ...]] = DISCONNECTS
     _logger: ClassVar[logging.Logger] = logging.getLogger(__name__)
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: "ssl.SSLContext | None" = None) -> None:
         self.host = host
         self.port = port
+        # A server-side SSLContext serves https (TLS tests: a private CA, verification switched off).
+        self.tls = tls
         self._server: LoopbackServer[Any] | None = None
         self._thread: threading.Thread | None = None
 
@@ -115,6 +118,8 @@ class LoopbackService:
             raise RuntimeError(f"{self._label} already started")
         self._on_start()
         self._server = LoopbackServer((self.host, self.port), self._handler, self)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -152,6 +157,6 @@ class LoopbackService:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT`` (IPv6 hosts in brackets); the port is known once started."""
+        """``http://HOST:PORT`` (``https`` with ``tls``; IPv6 hosts in brackets); the port is known once started."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -921,8 +922,9 @@ class GitLabSimulator(LoopbackService):
 
     MAX_PER_PAGE = 100
 
-    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None) -> None:
-        super().__init__(host, port)
+    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(host, port, tls)
         self.world = world
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()

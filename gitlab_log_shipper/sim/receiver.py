@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -444,6 +445,7 @@ class Receiver(LoopbackService):
         store_bodies: bool = True,
         path: str = "/logs",
         dump_dir: str | Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
@@ -453,7 +455,7 @@ class Receiver(LoopbackService):
             raise ValueError(f"delay must be >= 0, got {delay}")
         if dump_dir is not None and not store_bodies:
             raise ValueError("dump_dir needs the bodies: it cannot be combined with store_bodies=False")
-        super().__init__(host, port)
+        super().__init__(host, port, tls)
         self.token = token
         self.max_bytes = max_bytes
         self.delay = delay
