@@ -264,3 +264,13 @@ def test_log_helpers_accept_every_log_form() -> None:
     assert log_bytes(b"\xff") == b"\xff" and list(iter_log(b"abcde", 2)) == [b"ab", b"cd", b"e"]
     with pytest.raises(ValueError):
         LogSpec(-1)
+
+
+@pytest.mark.parametrize("key", [(0, True, True, False, False), (5, True, True, True, True)])
+def test_block_words_table_is_not_stale(key: tuple[int, bool, bool, bool, bool]) -> None:
+    """The precomputed PRNG offsets must match how blocks are rendered now (regenerate them if not)."""
+    from itertools import accumulate
+
+    from gitlab_log_shipper.sim.logs import _block_starts, _measure_block_words
+
+    assert _block_starts(key) == tuple(accumulate(_measure_block_words(key), initial=0))

@@ -9,17 +9,23 @@ and a seed; the bytes are produced on demand, identically every time, in bounded
 
 Speed: the body of a log is a sequence of pre-rendered ~64 KiB blocks (picked from a small pool by a
 seeded PRNG) whose only per-block work is two fixed-length ``bytes.replace`` calls for timestamps, so a
-200 MB log streams in well under a second of CPU instead of minutes of per-line Python.
+200 MB log streams in well under a second of CPU instead of minutes of per-line Python. A pool's blocks
+are rendered one by one as logs need them, and only as far as needed, so a small log costs a few
+milliseconds even in a fresh process.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+
+from ._block_words import BLOCK_WORDS_TABLE
 
 __all__ = ["LogSpec", "Log", "iter_log", "log_bytes", "log_size"]
 
@@ -130,7 +136,9 @@ class LogSpec:
         remaining = body_size - 1  # the body always ends with the newline that closes its last line
         index = 0
         while remaining > 0:
-            block = pool[rng.randrange(len(pool))]
+            # A beginning of the block is enough when it covers what is left plus any placeholder that
+            # starts inside it (placeholders keep their length, so stamping then cutting is unchanged).
+            block = pool.block(rng.randrange(_POOL_SIZE), at_least=remaining + len(_TS_PLACEHOLDER))
             block = _stamp(block, self.seed, index, self.timestamps, self.sections)
             index += 1
             if len(block) > remaining:
@@ -286,29 +294,151 @@ def _frame(seed: int, ansi: bool, sections: bool, timestamps: bool) -> tuple[byt
     return header, footer
 
 
+_PoolKey = tuple[int, bool, bool, bool, bool]
+"""(pool seed, ansi, sections, invalid_utf8, timestamps)"""
+
+
 @functools.lru_cache(maxsize=16)
-def _block_pool(seed: int, ansi: bool, sections: bool, invalid_utf8: bool, timestamps: bool) -> tuple[bytes, ...]:
-    """A few ~64 KiB blocks of job output; placeholders stand where per-block times go."""
-    rng = random.Random(seed * 7919 + 1)
+def _block_pool(seed: int, ansi: bool, sections: bool, invalid_utf8: bool, timestamps: bool) -> _BlockPool:
+    """The pool of body blocks for a pool seed and flag combination (its blocks rendered on demand)."""
+    return _BlockPool((seed, ansi, sections, invalid_utf8, timestamps))
+
+
+class _BlockPool:
+    """A few ~64 KiB blocks of job output; placeholders stand where per-block times go.
+
+    The blocks are defined as rendered in order from one PRNG seeded from the pool seed. Rendering all of
+    them takes ~300 ms, too much when a small log needs one block or only its start. So each block is
+    rendered on its own, from a PRNG fast-forwarded past the outputs the blocks before it consume
+    (counted once and for all in ``_block_words``), and only as far as it has been needed:
+    a block whose beginning was enough is resumed, not restarted, when more of it is needed.
+    """
+
+    def __init__(self, key: _PoolKey) -> None:
+        self.key = key
+        self._whole: list[bytes | None] = [None] * _POOL_SIZE
+        self._started: dict[int, tuple[Iterator[bytes], bytearray]] = {}  # blocks rendered in part
+        self._lock = threading.Lock()  # a partly rendered block is resumed by one thread at a time
+
+    def block(self, index: int, at_least: int) -> bytes:
+        """Block ``index``, or a beginning of it (whole lines) at least ``at_least`` bytes long."""
+        whole = self._whole[index]
+        if whole is not None:
+            return whole
+        with self._lock:
+            whole = self._whole[index]
+            if whole is not None:
+                return whole
+            if index not in self._started:
+                self._started[index] = (_block_lines(self.key, index, _block_rng(self.key, index)), bytearray())
+            lines, out = self._started[index]
+            if len(out) >= at_least:
+                return bytes(out)
+            for line in lines:
+                out += line
+                if len(out) >= at_least:
+                    return bytes(out)
+            whole = self._whole[index] = bytes(out)
+            del self._started[index]
+            return whole
+
+
+def _block_rng(key: _PoolKey, index: int) -> random.Random:
+    """The pool's PRNG in the state in which block ``index`` starts."""
+    rng = random.Random(key[0] * 7919 + 1)
+    skip = _block_starts(key)[index]
+    while skip > 0:
+        # getrandbits(32 * n) draws exactly n 32-bit outputs of the Mersenne Twister, in C.
+        step = min(skip, 4096)
+        rng.getrandbits(32 * step)
+        skip -= step
+    return rng
+
+
+def _block_lines(key: _PoolKey, index: int, rng: random.Random) -> Iterator[bytes]:
+    """The lines of block ``index`` of pool ``key``, drawn from ``rng`` (in the block's starting state)."""
+    _, ansi, sections, invalid_utf8, timestamps = key
     style = _Style(ansi, sections)
     unix = _UNIX_PLACEHOLDER.decode("latin-1")
     prefix = _TS_PLACEHOLDER if timestamps else b""
-    pool: list[bytes] = []
-    for block_no in range(_POOL_SIZE):
-        out = bytearray()
-        name = f"step_{block_no}_{rng.choice(_WORDS)}"
-        if sections:
-            # A collapsed sub-section per block (user-defined sections look like this).
-            out += prefix + (
-                style.start(unix, name, "[collapsed=true]") + style.erase()
-                + style.color("32;1", f"$ {rng.choice(_COMMANDS)}") + "\n"
-            ).encode("utf-8")
-        while len(out) < _BLOCK_TARGET:
-            out += prefix + _random_line(rng, style, invalid_utf8) + b"\n"
-        if sections:
-            out += prefix + style.end(unix, name).encode("utf-8") + b"\n"
-        pool.append(bytes(out))
-    return tuple(pool)
+    size = 0
+    name = f"step_{index}_{rng.choice(_WORDS)}"
+    if sections:
+        # A collapsed sub-section per block (user-defined sections look like this).
+        line = prefix + (
+            style.start(unix, name, "[collapsed=true]") + style.erase()
+            + style.color("32;1", f"$ {rng.choice(_COMMANDS)}") + "\n"
+        ).encode("utf-8")
+        size += len(line)
+        yield line
+    while size < _BLOCK_TARGET:
+        line = prefix + _random_line(rng, style, invalid_utf8) + b"\n"
+        size += len(line)
+        yield line
+    if sections:
+        yield prefix + style.end(unix, name).encode("utf-8") + b"\n"
+
+
+class _CountingRandom(random.Random):
+    """A PRNG that counts the 32-bit Mersenne Twister outputs drawn from it (every draw is whole ones)."""
+
+    words = 0
+
+    def random(self) -> float:
+        self.words += 2
+        return super().random()
+
+    def getrandbits(self, k: int) -> int:
+        self.words += (k + 31) // 32
+        return super().getrandbits(k)
+
+
+def _measure_block_words(key: _PoolKey) -> tuple[int, ...]:
+    """How many PRNG outputs each block of pool ``key`` consumes, rendering the blocks in order from one
+    PRNG as they are defined: the source of ``_block_words``, and its check."""
+    rng = _CountingRandom(key[0] * 7919 + 1)
+    counts = []
+    for index in range(_POOL_SIZE):
+        before = rng.words
+        for _ in _block_lines(key, index, rng):
+            pass
+        counts.append(rng.words - before)
+    return tuple(counts)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_starts(key: _PoolKey) -> tuple[int, ...]:
+    """Where each block of pool ``key`` starts in its PRNG's output, in 32-bit words (from its row of
+    ``BLOCK_WORDS_TABLE``: only that row is parsed)."""
+    label = "\n" + " ".join(str(int(v)) for v in key) + " |"
+    start = BLOCK_WORDS_TABLE.index(label) + len(label)
+    counts = BLOCK_WORDS_TABLE[start : BLOCK_WORDS_TABLE.index("\n", start)].split()
+    return tuple(itertools.accumulate(map(int, counts), initial=0))
+
+
+def _block_words_source() -> str:
+    """The text of ``_block_words.py``; regenerate it (a minute) after changing how blocks are rendered::
+
+        python -c "from gitlab_log_shipper.sim import logs; print(logs._block_words_source(), end='')" \\
+            > gitlab_log_shipper/sim/_block_words.py
+    """
+    rows = []
+    for key in itertools.product(range(_POOL_SEEDS), *[(False, True)] * 4):
+        counts = _measure_block_words(key)  # type: ignore[arg-type]
+        rows.append(" ".join(str(int(v)) for v in key) + " | " + " ".join(map(str, counts)))
+    return "\n".join([
+        '"""Generated by ``gitlab_log_shipper.sim.logs._block_words_source()``: do not edit.',
+        "",
+        "For each block pool of :mod:`gitlab_log_shipper.sim.logs`, one row: the pool seed and the flags ansi,",
+        "sections, invalid_utf8 and timestamps (0/1), then how many 32-bit Mersenne Twister outputs each of",
+        "its blocks consumes when the blocks are rendered in order, so that any one block can be rendered on",
+        "its own. A string, not a dict literal: it compiles in microseconds instead of ~15 ms.",
+        '"""',
+        "",
+        'BLOCK_WORDS_TABLE = """',
+        *rows,
+        '"""',
+    ]) + "\n"
 
 
 def _random_line(rng: random.Random, style: _Style, invalid_utf8: bool) -> bytes:
