@@ -3,8 +3,10 @@
 * **Outbox** (``STATE_DIR/outbox/``): a document the receiver did not accept after the HTTP adapter's
   retries (no answer, 401/403/408/429/5xx) is moved here and recorded in the state store in the same
   step that marks its pipeline finish as handed off, so the cursor can move on. Every cycle the outbox is
-  drained oldest first, unless the receiver is backing off (exponential backoff with jitter, at least its
-  ``Retry-After``). While it backs off, new documents go straight to the outbox instead of each waiting
+  drained oldest first, each document on its own exponential backoff (with jitter, at least the
+  receiver's ``Retry-After``), so one document the receiver keeps failing on does not hold the others
+  back. When the receiver as a whole looks down (no answer, a 429, or RECEIVER_DOWN_AFTER failures in a
+  row) every delivery backs off, and new documents go straight to the outbox instead of each waiting
   through the adapter's retries: new pipelines are never held back for more than one cycle.
 * **Dead letters** (``STATE_DIR/dead-letter/``): a document the receiver rejected for good (400, 404, 413,
   422, … — see :mod:`poster`) or that outlived ``OUTBOX_MAX_AGE`` is kept there with a ``.meta.json``
@@ -38,6 +40,9 @@ from .timeutil import format_ts, parse_ts
 log = logging.getLogger(__name__)
 
 # Outcomes of handing a document over.
+# Failed documents in a row after which the receiver as a whole is taken to be down.
+RECEIVER_DOWN_AFTER = 3
+
 SENT = "delivered"
 QUEUED = "queued"
 DEAD_LETTER = "dead_letter"
@@ -80,22 +85,34 @@ class Delivery:
     # -- receiver health ------------------------------------------------------------------------
 
     def backing_off(self) -> bool:
+        """The receiver as a whole is considered down: new documents go straight to the outbox."""
         return self.backoff_until is not None and self.clock() < self.backoff_until
 
-    def _failed(self, result: PostResult) -> None:
-        """The receiver did not take a document: back off exponentially (with jitter), at least Retry-After."""
-        self.consecutive_failures += 1
+    def _delay(self, attempts: int, retry_after: float | None) -> float:
+        """Exponential backoff from min(POLL_INTERVAL, 60) s up to OUTBOX_RETRY_MAX, with "equal jitter"
+        (between half and all of the step), and never shorter than the receiver's Retry-After."""
         base = min(self.config.poll_interval, 60.0)
-        delay = min(self.config.outbox_retry_max, base * 2 ** (self.consecutive_failures - 1))
-        delay *= 0.5 + 0.5 * self.jitter()  # "equal jitter": between half and all of the delay
-        if result.retry_after:
-            delay = max(delay, min(result.retry_after, self.config.outbox_retry_max))
+        delay = min(self.config.outbox_retry_max, base * 2 ** (max(1, attempts) - 1))
+        delay *= 0.5 + 0.5 * self.jitter()
+        if retry_after:
+            delay = max(delay, min(retry_after, self.config.outbox_retry_max))
+        return delay
+
+    def _failed(self, result: PostResult) -> None:
+        """Count a document the receiver did not take. One failing document may be the document's fault (a
+        payload that crashes the receiver): only RECEIVER_DOWN_AFTER failures in a row, or a failure that
+        speaks for the whole receiver (no answer, 429), put every delivery on hold."""
+        self.consecutive_failures += 1
+        receiver_wide = result.status is None or result.status == 429
+        if not receiver_wide and self.consecutive_failures < RECEIVER_DOWN_AFTER:
+            return
+        delay = self._delay(self.consecutive_failures, result.retry_after)
         self.backoff_until = self.clock() + timedelta(seconds=delay)
         log.warning("receiver unavailable (%s); documents wait in the outbox; next attempt in %.0f s",
                     _reason(result), delay)
 
     def _recovered(self) -> None:
-        if self.consecutive_failures:
+        if self.backoff_until is not None:
             log.info("receiver accepts documents again")
         self.consecutive_failures = 0
         self.backoff_until = None
@@ -124,8 +141,8 @@ class Delivery:
             self.state.record_shipped(info.project_id, info.pipeline_id, info.finish, info.idempotency_key,
                                       DEAD_LETTER, now, list_row)
             return DEAD_LETTER, result
-        self._failed(result)
         self._enqueue(document, info, list_row, result)
+        self._failed(result)
         return QUEUED, result
 
     def _enqueue(self, document: Path, info: DocumentInfo, list_row: tuple[str, str] | None,
@@ -136,23 +153,30 @@ class Delivery:
         _fsync_file(document)
         os.replace(document, target)
         fsync_dir(self.outbox_dir)
+        now = self.clock()
+        if result is None:  # queued without a try while the receiver backs off
+            next_attempt = self.backoff_until or now
+        else:
+            next_attempt = now + timedelta(seconds=self._delay(1, result.retry_after))
         entry = OutboxEntry(info.idempotency_key, info.project_id, info.pipeline_id, info.finish, name, size,
-                            format_ts(self.clock()), 0 if result is None else 1,
-                            None if result is None else result.status, None if result is None else _reason(result))
+                            format_ts(now), 0 if result is None else 1,
+                            None if result is None else result.status, None if result is None else _reason(result),
+                            format_ts(next_attempt))
         self.state.enqueue(entry, self.clock(), list_row)
         log.info("pipeline %s (project %s): kept in the outbox (%d bytes)", info.pipeline_id, info.project_id, size)
 
     # -- the outbox -----------------------------------------------------------------------------
 
     def drain(self, budget_seconds: float) -> dict[str, int]:
-        """Send queued documents, oldest first, until the outbox is empty, the receiver fails again, or the
-        budget is spent (so new pipelines wait at most about one cycle)."""
+        """Send the queued documents that are due, oldest first, until none is left, the receiver looks down,
+        or the budget is spent (so new pipelines wait at most about one cycle). A document that fails again
+        waits longer (its own backoff) without holding the others back."""
         counts = {SENT: 0, DEAD_LETTER: 0, QUEUED: 0}
         self.expire()
         if self.backing_off():
             return counts
         deadline = self.clock() + timedelta(seconds=budget_seconds)
-        for entry in self.state.outbox():
+        for entry in self.state.outbox(due_at=self.clock()):
             if self.clock() >= deadline:
                 break
             path = self.outbox_dir / entry.file
@@ -174,10 +198,12 @@ class Delivery:
                 self.state.outbox_done(entry, DEAD_LETTER, self.clock())
                 counts[DEAD_LETTER] += 1
             else:
-                self.state.outbox_attempt_failed(entry.idempotency_key, result.status, _reason(result))
+                next_attempt = self.clock() + timedelta(seconds=self._delay(entry.attempts + 1, result.retry_after))
+                self.state.outbox_attempt_failed(entry.idempotency_key, result.status, _reason(result), next_attempt)
                 self._failed(result)
                 counts[QUEUED] += 1
-                break
+                if self.backing_off():
+                    break
         return counts
 
     def expire(self) -> int:

@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     queued_at TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_status INTEGER,
-    last_error TEXT
+    last_error TEXT,
+    next_attempt_at TEXT NOT NULL
 );
 """
 
@@ -91,6 +92,7 @@ class OutboxEntry:
     attempts: int
     last_status: int | None
     last_error: str | None
+    next_attempt_at: str
 
 
 @dataclass(frozen=True)
@@ -236,16 +238,20 @@ class StateStore:
         """One transaction: the document is in the outbox and its finish counts as handed off (the cursor may
         pass it). Its file must already be durably in place."""
         self._write([
-            ("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (entry.idempotency_key, entry.project_id, entry.pipeline_id, entry.finish, entry.file, entry.size,
-              entry.queued_at, entry.attempts, entry.last_status, entry.last_error)),
+              entry.queued_at, entry.attempts, entry.last_status, entry.last_error, entry.next_attempt_at)),
             *self._shipped_statements(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key,
                                       "queued", now, list_row),
         ])
 
-    def outbox(self) -> list[OutboxEntry]:
-        """Every queued document, oldest first."""
-        rows = self._query("SELECT * FROM outbox ORDER BY queued_at, rowid")
+    def outbox(self, due_at: datetime | None = None) -> list[OutboxEntry]:
+        """Every queued document (or those due for another attempt at ``due_at``), oldest first."""
+        if due_at is None:
+            rows = self._query("SELECT * FROM outbox ORDER BY queued_at, rowid")
+        else:
+            rows = self._query("SELECT * FROM outbox WHERE next_attempt_at <= ? ORDER BY queued_at, rowid",
+                               (format_ts(due_at),))
         return [OutboxEntry(*row) for row in rows]
 
     def outbox_stats(self) -> tuple[int, int, str | None]:
@@ -253,9 +259,9 @@ class StateStore:
         count, size, oldest = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(queued_at) FROM outbox")[0]
         return int(count), int(size), oldest
 
-    def outbox_attempt_failed(self, key: str, status: int | None, error: str | None) -> None:
-        self._write([("UPDATE outbox SET attempts=attempts+1, last_status=?, last_error=? WHERE idempotency_key=?",
-                      (status, error, key))])
+    def outbox_attempt_failed(self, key: str, status: int | None, error: str | None, next_attempt_at: datetime) -> None:
+        self._write([("UPDATE outbox SET attempts=attempts+1, last_status=?, last_error=?, next_attempt_at=? "
+                      "WHERE idempotency_key=?", (status, error, format_ts(next_attempt_at), key))])
 
     def outbox_done(self, entry: OutboxEntry, outcome: str, now: datetime) -> None:
         """The queued document reached its end (delivered or dead-lettered): drop it from the outbox, log it."""

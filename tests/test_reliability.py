@@ -128,14 +128,36 @@ def test_backoff_honours_retry_after_and_grows(tmp_path: Path) -> None:
     delays = []
     for _ in range(6):
         delivery._failed(PostResult(503, 1, "", "Service Unavailable"))
-        delays.append((delivery.backoff_until - now[0]).total_seconds())
-    assert delays == [60, 120, 240, 480, 600, 600]  # doubling, capped by OUTBOX_RETRY_MAX
+        delays.append(None if delivery.backoff_until is None else (delivery.backoff_until - now[0]).total_seconds())
+    # one or two failing documents may be their own fault; from the third in a row the receiver is "down",
+    # and the pause doubles, capped by OUTBOX_RETRY_MAX
+    assert delays == [None, None, 240, 480, 600, 600]
+    assert [delivery._delay(n, None) for n in (1, 2, 3)] == [60, 120, 240]  # a document's own backoff
     delivery._recovered()
     delivery._failed(PostResult(429, 1, "", "Too Many Requests", retry_after=300))
-    assert (delivery.backoff_until - now[0]).total_seconds() == 300  # Retry-After wins over the first step
+    assert (delivery.backoff_until - now[0]).total_seconds() == 300  # a 429 holds everything, for its Retry-After
     assert delivery.backing_off()
     now[0] += timedelta(seconds=301)
     assert not delivery.backing_off()
+
+
+def test_one_poisonous_document_does_not_hold_the_others_back(tmp_path: Path, world: World,
+                                                               gitlab_sim: GitLabSimulator) -> None:
+    project = world.add_project("team/app")
+    poison = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    with Receiver(script=lambda req: Reply(500, body="crash") if req.json()["pipeline_id"] == poison.id else Reply()) as rec:
+        env = make_env(tmp_path, gitlab_sim, rec, RETRY_ATTEMPTS="0", POLL_INTERVAL="1")
+        assert env.invoke("run", "--once").exit_code == 1
+        later = []
+        for i in range(3):
+            later.append(world.add_pipeline(project.id, status="success",
+                                            jobs=[JobSpec("b", "test", "success", log=f"{i}\n")]).id)
+            time.sleep(1.05)  # the poisonous document is due again every cycle or two
+            env.invoke("run", "--once")
+        assert sorted(d["pipeline_id"] for d in documents(rec)) == sorted(later)
+        with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as db:
+            rows = db.execute("SELECT pipeline_id, attempts FROM outbox").fetchall()
+        assert rows and rows[0][0] == poison.id and rows[0][1] >= 2
 
 
 def test_orphan_outbox_files_are_removed_and_the_pipeline_shipped_again(

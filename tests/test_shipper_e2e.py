@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -184,26 +185,29 @@ def test_receiver_failure_keeps_documents_in_the_outbox_until_it_recovers(
     second = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("b", "test", "failed", log="b\n")])
     body = '{"error": "Database connection failed"}'
     with Receiver(script=lambda req: Reply(500, body=body)) as rec:
-        env = make_env(tmp_path, gitlab_sim, rec, API_POST_SAVE_TO_FILE="true", RETRY_ATTEMPTS="1", POLL_INTERVAL="60")
+        env = make_env(tmp_path, gitlab_sim, rec, API_POST_SAVE_TO_FILE="true", RETRY_ATTEMPTS="1", POLL_INTERVAL="1")
         result = env.invoke("run", "--once")
         assert result.exit_code == 1, result.output  # not everything was delivered
         assert "summary: queued=2 outbox_waiting=2" in result.output
-        # one POST (and its retry) for the first; while the receiver backs off the second goes straight to the outbox
-        assert [r.json()["pipeline_id"] for r in rec.requests] == [first.id, first.id]
-        [line] = env.request_lines()
-        assert f"PIPELINE_ID={first.id} " in line and f"STATUS=500" in line
-        assert line.endswith(f"ERROR=Internal Server Error RESPONSE={body}")
+        # each document: one POST and its retry, then into the outbox
+        assert sorted(r.json()["pipeline_id"] for r in rec.requests) == [first.id, first.id, second.id, second.id]
+        lines = env.request_lines()
+        assert len(lines) == 2
+        for line in lines:
+            assert "STATUS=500" in line and line.endswith(f"ERROR=Internal Server Error RESPONSE={body}")
         # dual mode: the files exist although the API failed
         assert len(list(env.output.glob(f"*_{project.id}/pipeline_*/metadata.json"))) == 2
         assert len(list((tmp_path / "state" / "outbox").iterdir())) == 2
 
         rec.set_script(None)
+        time.sleep(1.05)  # their first retry is due after 0.5-1 s (POLL_INTERVAL=1)
         result = env.invoke("run", "--once")
         assert result.exit_code == 0, result.output
         assert "outbox_delivered=2" in result.output
         docs = documents(rec)
-        assert [d["pipeline_id"] for d in docs] == [first.id, second.id]  # oldest first
-        assert rec.accepted()[0].idempotency_key == rec.requests[0].idempotency_key
+        assert sorted(d["pipeline_id"] for d in docs) == sorted([first.id, second.id])
+        keys = {r.json()["pipeline_id"]: r.idempotency_key for r in rec.requests if r.status == 500}
+        assert {d.json()["pipeline_id"]: d.idempotency_key for d in rec.accepted()} == keys
         assert list((tmp_path / "state" / "outbox").iterdir()) == []
         assert env.invoke("run", "--once").exit_code == 0
         assert len(rec.accepted()) == 2
