@@ -136,6 +136,7 @@ def test_tls_to_the_receiver_verified_by_default_private_ca_and_explicit_opt_out
         assert "STATUS=0" in line and "SSLError" in line and "CERTIFICATE_VERIFY_FAILED" in line
         assert rec.requests == []  # the handshake failed: no request, no token, was ever sent
 
+        time.sleep(1.05)  # the document waits in the outbox; its next attempt is due within 1 s (POLL_INTERVAL=1)
         assert env.invoke("run", "--once", API_POST_CA_BUNDLE=CA).exit_code == 0
         assert [d["pipeline_id"] for d in documents(rec)] == [pipeline_id]
 
