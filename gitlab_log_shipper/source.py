@@ -18,16 +18,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import gitlab
 import gitlab.exceptions
 import requests
+import requests.adapters
 from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .config import Config
 from .errors import GitLabSourceError
+from .ratelimit import Throttle
 from .security import escape_controls, mask_secrets
 from .timeutil import format_ts, parse_ts
 
@@ -76,9 +78,14 @@ class GitLabSession(requests.Session):
       connection error (up to ten times, about 100 s); it fails at once with a message naming the setting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: Throttle | None = None, pool_size: int = 10) -> None:
         super().__init__()
         self.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
+        self.throttle = throttle or Throttle()
+        # Enough pooled connections for every worker; no urllib3 Retry here (python-gitlab retries).
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
 
     def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
         if self.should_strip_auth(response.request.url, prepared_request.url):
@@ -92,8 +99,11 @@ class GitLabSession(requests.Session):
         super().rebuild_auth(prepared_request, response)
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.throttle.before_request()
         try:
-            return super().send(request, **kwargs)
+            response = super().send(request, **kwargs)
+            self.throttle.observe(response.headers)
+            return response
         except requests.exceptions.SSLError as exc:
             problem = _certificate_problem(exc)
             if problem is None:
@@ -146,7 +156,14 @@ def _translate(what: str, exc: Exception) -> GitLabSourceError:
 
 
 def _attrs(obj: Any, kind: str) -> dict[str, Any]:
-    """A python-gitlab object's attributes as a plain dict (the JSON GitLab sent)."""
+    """The JSON object GitLab sent, from a python-gitlab object or a plain ``http_get``/``http_list`` answer.
+
+    The hot paths (pipelines, jobs, logs, commits) use python-gitlab's ``http_*`` layer, which keeps its
+    retries, rate-limit handling and error types but returns plain dicts: building RESTObjects and
+    their deep-copying ``asdict()`` cost a third of the shipper's CPU in the benchmark."""
+    if isinstance(obj, requests.Response):  # http_get hands back non-JSON answers (an HTML page) as they came
+        kind_of = obj.headers.get("Content-Type") or "no content type"
+        raise MalformedAnswer(f"{kind} came as {escape_controls(kind_of)[:60]}, not JSON")
     data = obj.asdict() if hasattr(obj, "asdict") else obj
     if not isinstance(data, dict):
         raise MalformedAnswer(f"{kind} is {type(data).__name__}, not an object")
@@ -248,6 +265,8 @@ class GitLabSource:
     def __init__(self, config: Config) -> None:
         self.url = config.gitlab_url
         self._secrets = config.secrets()
+        # GITLAB_MAX_REQUESTS_PER_SECOND, and a pause before GitLab's own budget (RateLimit-Remaining) is gone
+        self.throttle = Throttle(config.gitlab_max_requests_per_second, reserve=max(10, 2 * config.concurrency))
         if config.gitlab_verify is False:
             warnings.filterwarnings("ignore", category=InsecureRequestWarning)  # warned once at start instead
         # python-gitlab retries 429 itself (Retry-After, then RateLimit-Reset) and, with
@@ -260,13 +279,18 @@ class GitLabSource:
             per_page=PER_PAGE,
             keep_base_url=True,  # Link headers may name another host (behind proxies)
             user_agent=f"gitlab-log-shipper/{__version__}",
-            session=GitLabSession(),
+            session=GitLabSession(self.throttle, pool_size=3 * config.concurrency + 2),
             ssl_verify=config.gitlab_verify,  # certifi's bundle, GITLAB_CA_BUNDLE, or off (warned at start)
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"GitLabSource(url={self.url!r})"
+
+    @property
+    def rate_limit_remaining(self) -> int | None:
+        """GitLab's RateLimit-Remaining from the latest answer (None when GitLab sends none)."""
+        return self.throttle.remaining
 
     def _error(self, what: str, exc: Exception) -> GitLabSourceError:
         """:func:`_translate`, with our own token masked should GitLab ever echo it back."""
@@ -321,11 +345,11 @@ class GitLabSource:
         Child pipelines are only listed with ``source=parent_pipeline``, hence the second query.
         """
         base = {"updated_after": format_ts(updated_after), "order_by": "id", "sort": "asc", "per_page": PER_PAGE}
-        project = self.gl.projects.get(project_id, lazy=True)
         queries: list[dict[str, str]] = [{}, {"source": "parent_pipeline"}] if children else [{}]
         for extra in queries:
             what = f"project {project_id}: listing {'child ' if extra else ''}pipelines"
-            iterator = self._call(what, lambda: project.pipelines.list(iterator=True, **base, **extra))
+            iterator = self._call(what, lambda: iter(self.gl.http_list(
+                f"/projects/{project_id}/pipelines", {**base, **extra}, iterator=True)))
             while True:
                 try:
                     row = next(iterator)
@@ -338,14 +362,15 @@ class GitLabSource:
     def get_pipeline(self, project_id: int, pipeline_id: int) -> dict[str, Any]:
         return self._call(
             f"pipeline {pipeline_id} of project {project_id}",
-            lambda: _pipeline(self.gl.projects.get(project_id, lazy=True).pipelines.get(pipeline_id)),
+            lambda: _pipeline(self.gl.http_get(f"/projects/{project_id}/pipelines/{pipeline_id}")),
         )
 
     def list_jobs(self, project_id: int, pipeline_id: int) -> list[dict[str, Any]]:
         """All jobs of a pipeline, every attempt (``include_retried``), all pages. Bridges are not jobs."""
         def fetch() -> list[dict[str, Any]]:
-            pipeline = self.gl.projects.get(project_id, lazy=True).pipelines.get(pipeline_id, lazy=True)
-            return [_job(j) for j in pipeline.jobs.list(iterator=True, include_retried=True, per_page=PER_PAGE)]
+            rows = self.gl.http_list(f"/projects/{project_id}/pipelines/{pipeline_id}/jobs",
+                                     {"include_retried": "true", "per_page": PER_PAGE}, iterator=True)
+            return [_job(j) for j in rows]
         return self._call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
 
     def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO) -> int:
@@ -358,10 +383,11 @@ class GitLabSource:
             out.truncate()
             size = 0
             try:
-                job = self.gl.projects.get(project_id, lazy=True).jobs.get(job_id, lazy=True)
-                for chunk in job.trace(streamed=True, iterator=True, chunk_size=256 * 1024):
-                    out.write(chunk)
-                    size += len(chunk)
+                response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)
+                with response:
+                    for chunk in response.iter_content(chunk_size=256 * 1024):
+                        out.write(chunk)
+                        size += len(chunk)
                 out.flush()
                 return size
             except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
@@ -383,7 +409,8 @@ class GitLabSource:
             return self._commit_cache[key]
         try:
             what = f"commit {sha[:12]} of project {project_id}"
-            commit = self._call(what, lambda: _attrs(self.gl.projects.get(project_id, lazy=True).commits.get(sha), "commit"))
+            commit = self._call(what, lambda: _attrs(
+                self.gl.http_get(f"/projects/{project_id}/repository/commits/{quote(sha, safe='')}"), "commit"))
             email = self._call(what, lambda: _check_text(commit, "author_email", "commit")) or None
         except GitLabSourceError as exc:
             if not exc.gone:

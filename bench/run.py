@@ -1,0 +1,174 @@
+"""Benchmark: gitlab-log-shipper against the naive sequential way, in one run, on the bundled simulator.
+
+    python bench/run.py                       # defaults: 40 pipelines x 8 jobs x 200 KB logs, 20 ms latency
+    python bench/run.py --pipelines 80 --jobs 8 --log-size 100000 --latency 0.02 --big-jobs 10 --big-size 50M
+
+Both contestants run as separate processes against the same simulated GitLab (every request delayed by
+``--latency`` seconds, as a WAN would) and the same receiver (which only counts and hashes bodies). For
+each it prints wall time, pipelines/s, MB/s of logs, GitLab requests per pipeline and peak RSS
+(``ru_maxrss`` of the process, from wait4), then the ratios. A second round ships ONE pipeline of
+``--big-jobs`` x ``--big-size`` logs (500 MB by default) and compares peak memory.
+This is a measurement, not a test: nothing here passes or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
+from gitlab_log_shipper.sim.logs import LogSpec
+from gitlab_log_shipper.sim.receiver import Receiver
+from gitlab_log_shipper.sim.world import JobSpec, World
+from gitlab_log_shipper.timeutil import format_ts
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    requests: int
+    delivered: int
+    exit_code: int
+
+
+def size_arg(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def build_world(pipelines: int, jobs: int, log_size: int) -> tuple[World, int, str]:
+    world = World()
+    user = world.add_user("bench", name="Bench User", public_email="bench@example.com")
+    project = world.add_project("bench/app", name="bench-app")
+    since = world.now() - timedelta(minutes=30)
+    stages = ["build", "test", "deploy"]
+    for i in range(pipelines):
+        world.add_pipeline(project.id, status="success", user=user, jobs=[
+            JobSpec(f"job-{j}", stages[j * len(stages) // jobs], "success", log=LogSpec(log_size, seed=i * 100 + j))
+            for j in range(jobs)
+        ])
+    return world, project.id, format_ts(since)
+
+
+def warm_up(world: World) -> None:
+    """Generate every log once before timing, so neither contestant pays for the simulator's first
+    rendering of a log's text (it caches it) and the order of the runs does not matter."""
+    for job in world.jobs.values():
+        if isinstance(job.log, LogSpec):
+            job.log.sha256()
+
+
+def run_process(name: str, command: list[str], env: dict[str, str], sim: GitLabSimulator, receiver: Receiver) -> Run:
+    sim.reset_counters()
+    receiver.clear()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+    proc.stderr.close() if proc.stderr else None
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"{name} exited {code}:\n{stderr[-2000:]}", file=sys.stderr)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    servers = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
+    print(f"  ({name}: {usage.ru_utime + usage.ru_stime:.2f} s CPU ({usage.ru_stime:.2f} system, {usage.ru_nivcsw} involuntary switches) in {seconds:.2f} s; simulated GitLab and "
+          f"receiver: {servers:.2f} s CPU)")
+    return Run(name, seconds, usage.ru_maxrss / 1024, sum(sim.counters.values()), len(receiver.accepted()), code)
+
+
+def shipper_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project_id: int, extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    state = Path(tempfile.mkdtemp(dir=tmp, prefix="state-"))
+    (tmp / "empty.env").touch()
+    env = {
+        "GITLAB_URL": sim.url, "GITLAB_TOKEN": sim.world.token, "GITLAB_PROJECTS": str(project_id),
+        "API_POST_ENABLED": "true", "API_POST_URL": receiver.url, "STATE_DIR": str(state),
+        "LOG_DIR": str(state / "logs"), "INITIAL_LOOKBACK": "2h", "LOG_LEVEL": "WARNING", **extra,
+    }
+    return [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp / "empty.env"), "run", "--once"], env
+
+
+def naive_command(sim: GitLabSimulator, receiver: Receiver, project_id: int, since: str) -> list[str]:
+    return [sys.executable, str(HERE / "naive.py"), sim.url, sim.world.token, str(project_id), since, receiver.url]
+
+
+def report(runs: list[Run], pipelines: int, log_bytes: int, minimum: float) -> None:
+    print(f"{'':10} {'seconds':>8} {'pipel/s':>8} {'MB/s':>8} {'req/pipel':>10} {'peak RSS':>10} {'delivered':>9}")
+    for run in runs:
+        print(f"{run.name:10} {run.seconds:8.2f} {pipelines / run.seconds:8.2f} {log_bytes / 1e6 / run.seconds:8.1f} "
+              f"{run.requests / pipelines:10.2f} {run.peak_rss_mb:8.0f}MB {run.delivered:9d}")
+    print(f"minimum GitLab requests per pipeline: {minimum:.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipelines", type=int, default=40)
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--log-size", type=size_arg, default=200_000)
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--concurrency", type=int, default=None, help="CONCURRENCY for the shipper (default: its own)")
+    parser.add_argument("--big-jobs", type=int, default=10)
+    parser.add_argument("--big-size", type=size_arg, default=50 * 1024**2)
+    parser.add_argument("--skip-big", action="store_true")
+    args = parser.parse_args()
+    extra = {"CONCURRENCY": str(args.concurrency)} if args.concurrency else {}
+
+    with tempfile.TemporaryDirectory(prefix="gls-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        world, project_id, since = build_world(args.pipelines, args.jobs, args.log_size)
+        warm_up(world)
+        with GitLabSimulator(world) as sim, Receiver(store_bodies=False) as receiver:
+            sim.faults.latency = args.latency
+            log_bytes = args.pipelines * args.jobs * args.log_size
+            print(f"throughput: {args.pipelines} pipelines x {args.jobs} jobs x {args.log_size} B logs "
+                  f"({log_bytes / 1e6:.0f} MB), {args.latency * 1000:.0f} ms per GitLab request")
+            command, env = shipper_command(tmp, sim, receiver, project_id, extra)
+            shipper = run_process("shipper", command, env, sim, receiver)
+            naive = run_process("naive", naive_command(sim, receiver, project_id, since), {}, sim, receiver)
+            # per pipeline: its detail, its jobs pages, one trace per job; per project and cycle: the list
+            # pages, twice (GitLab lists child pipelines only when asked with source=parent_pipeline)
+            list_pages = 2 * max(1, math.ceil(args.pipelines / 100))
+            minimum = 1 + math.ceil(args.jobs / 100) + args.jobs + list_pages / args.pipelines
+            report([shipper, naive], args.pipelines, log_bytes, minimum)
+            print(f"ratio: shipper is {naive.seconds / shipper.seconds:.1f}x the baseline's throughput")
+
+        if args.skip_big:
+            return 0
+        big = World()
+        project = big.add_project("bench/big", name="big")
+        user = big.add_user("bench", name="Bench User", public_email="bench@example.com")
+        since = format_ts(big.now() - timedelta(minutes=30))
+        big.add_pipeline(project.id, status="success", user=user, jobs=[
+            JobSpec(f"huge-{j}", "test", "success", log=LogSpec(args.big_size, seed=j)) for j in range(args.big_jobs)
+        ])
+        total = args.big_jobs * args.big_size
+        warm_up(big)
+        with GitLabSimulator(big) as sim, Receiver(store_bodies=False) as receiver:
+            print(f"\nmemory: one pipeline of {args.big_jobs} x {args.big_size / 1024**2:.0f} MiB logs "
+                  f"({total / 1024**2:.0f} MiB), no latency")
+            command, env = shipper_command(tmp, sim, receiver, project.id, extra)
+            shipper = run_process("shipper", command, env, sim, receiver)
+            naive = run_process("naive", naive_command(sim, receiver, project.id, since), {}, sim, receiver)
+            report([shipper, naive], 1, total, 1 + 1 + args.big_jobs + 2)
+            print(f"ratio: shipper peak RSS is {shipper.peak_rss_mb / naive.peak_rss_mb:.2f}x the baseline's "
+                  f"({shipper.peak_rss_mb:.0f} MB vs {naive.peak_rss_mb:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
