@@ -6,6 +6,7 @@ Each command parses, calls one library function and formats the result. This is 
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,7 +19,7 @@ from .config import Config, load_config, parse_duration
 from .daemon import install_signal_handlers, run_forever
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
-from .logsetup import setup_logging
+from .logsetup import setup_logging, stderr_is_journal
 from .shipper import SHIPPED, CycleReport, ShipResult, Shipper
 from .timeutil import parse_ts, utcnow
 
@@ -33,7 +34,7 @@ def _load(ctx: click.Context) -> Config:
         config = load_config(ctx.obj.get("env_file"))
     except ConfigError as exc:
         _fail(exc)
-    setup_logging(config)
+    setup_logging(config, journald=stderr_is_journal(os.environ))
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
     return config

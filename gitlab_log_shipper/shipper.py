@@ -40,7 +40,8 @@ from .payload import (
     write_document,
 )
 from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
-from .poster import ApiPoster, RequestLog
+from .poster import ApiPoster
+from .requestlog import ManagedRequestLog
 from .source import GitLabSource, ProjectRef
 from .state import StateStore
 from .timeutil import parse_ts, utcnow
@@ -145,7 +146,7 @@ class Shipper:
         self.stop = stop or threading.Event()
         self.state = state or StateStore(config.state_dir)
         self.source = source or GitLabSource(config)
-        self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
+        self.poster = ApiPoster(config, ManagedRequestLog.for_config(config), clock=clock) if config.posts else None
         self.files = FileOutput(config.log_output_dir) if config.writes_files else None
         self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
         self.spool_root = config.state_dir / "spool" / str(os.getpid())
