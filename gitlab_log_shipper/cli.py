@@ -6,6 +6,8 @@ Each command parses, calls one library function and formats the result. This is 
 
 from __future__ import annotations
 
+import faulthandler
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -19,8 +21,13 @@ from .config import Config, load_config, parse_duration
 from .daemon import install_signal_handlers, run_forever
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
+from .notify import Notifier
+from .ops import Operations
 from .logsetup import setup_logging, stderr_is_journal
 from .shipper import SHIPPED, CycleReport, ShipResult, Shipper
+from .state import StateStore
+from .stats import record_run
+from .status import collect, empty, render
 from .timeutil import parse_ts, utcnow
 
 def _fail(exc: ShipperError) -> NoReturn:
@@ -29,12 +36,12 @@ def _fail(exc: ShipperError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-def _load(ctx: click.Context) -> Config:
+def _load(ctx: click.Context, *, log_file: bool = True) -> Config:
     try:
         config = load_config(ctx.obj.get("env_file"))
     except ConfigError as exc:
         _fail(exc)
-    setup_logging(config, journald=stderr_is_journal(os.environ))
+    setup_logging(config, to_file=log_file, journald=stderr_is_journal(os.environ))
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
     return config
@@ -104,12 +111,18 @@ def run(ctx: click.Context, once: bool) -> None:
     with _locked(config), _shipper(config) as shipper:
         if shipper.delivery is not None:
             shipper.delivery.reconcile()
+        ops = Operations(config, shipper, None if once else Notifier.from_environ(os.environ))
         if once:
+            ops.cycle_started()
             report = shipper.run_cycle()
+            ops.cycle_finished(report)
             _print_report(report)
             sys.exit(0 if report.complete else 1)
+        faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
         install_signal_handlers(shipper.stop)
-        run_forever(shipper, config.poll_interval)
+        ops.ready()
+        run_forever(shipper, config.poll_interval, hooks=ops)
+        ops.stopping()
 
 
 @main.command()
@@ -129,6 +142,7 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
         projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
         click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)", err=True)
         report = shipper.backfill(since, until, projects, force=force, progress=_print_progress)
+        record_run(shipper.state, shipper.config, report)
         _print_report(report)
         sys.exit(0 if report.complete else 1)
 
@@ -141,6 +155,9 @@ def post(ctx: click.Context, pipeline_id: int, project_ref: str | None) -> None:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
     with _shipper(_load(ctx)) as shipper:
         result = shipper.post_pipeline(pipeline_id, project_ref)
+        single = CycleReport()
+        single.add(result)
+        record_run(shipper.state, shipper.config, single)
         _print_progress(result)
         sys.exit(0 if result.outcome == SHIPPED else 1)
 
@@ -162,6 +179,33 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
         left = len(shipper.delivery.dead_letters())
         click.echo(f"summary: redelivered={sum(1 for _, p in results if p.ok)} dead_letters_left={left}")
         sys.exit(0 if all(p.ok for _, p in results) else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines, for scripts.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Cursors, last shipments, outbox, dead letters, last cycle and totals, read from STATE_DIR (no network)."""
+    config = _load(ctx, log_file=False)
+    now = utcnow()
+    if not (config.state_dir / "state.sqlite3").is_file():
+        snapshot = empty(config)
+    else:
+        try:
+            state = StateStore(config.state_dir)
+        except ShipperError as exc:
+            _fail(exc)
+        try:
+            snapshot = collect(config, state, now)
+        except ShipperError as exc:
+            _fail(exc)
+        finally:
+            state.close()
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2))
+    else:
+        for line in render(snapshot, now):
+            click.echo(line)
 
 
 def _print_progress(result: ShipResult) -> None:

@@ -191,6 +191,11 @@ class Shipper:
             self._discovered_at = now
         return self._projects
 
+    @property
+    def known_projects(self) -> list[ProjectRef]:
+        """The projects of the latest discovery, without a request (empty before the first); for `status`."""
+        return list(self._projects or [])
+
     def resolve_projects(self, refs: Iterable[str]) -> list[ProjectRef]:
         """``--project`` options (ids or paths) → projects, without applying the project filters."""
         return [self.source.get_project(ref) for ref in refs]

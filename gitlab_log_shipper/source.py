@@ -91,9 +91,17 @@ class GitLabSource:
             session=session,
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
+        # RateLimit-Remaining of the latest GitLab answer that carried one (metrics); None until then.
+        self.rate_limit_remaining: int | None = None
+        session.hooks["response"].append(self._note_rate_limit)
 
     def __repr__(self) -> str:
         return f"GitLabSource(url={self.url!r})"
+
+    def _note_rate_limit(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        value = response.headers.get("RateLimit-Remaining", "").strip()
+        if value.isdigit():
+            self.rate_limit_remaining = int(value)
 
     # -- projects -------------------------------------------------------------------------------
 
