@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Iterator, NoReturn
 import click
 
 from . import __version__
+from .check import Check, run_checks
 from .config import Config, load_config, parse_duration
 from .daemon import install_signal_handlers, run_forever
 from .errors import ConfigError, ShipperError
@@ -179,6 +181,47 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
         left = len(shipper.delivery.dead_letters())
         click.echo(f"summary: redelivered={sum(1 for _, p in results if p.ok)} dead_letters_left={left}")
         sys.exit(0 if all(p.ok for _, p in results) else 1)
+
+
+@main.command()
+@click.option("--send-test", is_flag=True,
+              help="Also POST one clearly marked test document (pipeline_id 0, header X-Gitlab-Log-Shipper-Test).")
+@click.pass_context
+def check(ctx: click.Context, send_test: bool) -> None:
+    """Validate the configuration, then reach GitLab, the projects, the receiver and the folders: one
+    line per check, exit 0 only if all pass. Changes nothing (unless --send-test)."""
+    try:
+        config = load_config(ctx.obj.get("env_file"))
+    except ConfigError as exc:
+        click.echo(f"{_mark(Check('configuration', False, ''))} configuration: {exc}")
+        sys.exit(exc.exit_code)
+    setup_logging(config, to_file=False, journald=stderr_is_journal(os.environ))
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # the --send-test retries: the ✗ line says it
+    if send_test and not config.posts:
+        raise click.UsageError("--send-test needs API_POST_ENABLED=true")
+    results = []
+    try:
+        for result in run_checks(config, send_test=send_test, today=lambda: utcnow().date(), now=utcnow):
+            results.append(result)
+            click.echo(f"{_mark(result)} {result.name}: {result.detail}")
+    except ShipperError as exc:
+        _fail(exc)
+    failed = sum(1 for r in results if not r.ok)
+    warned = sum(1 for r in results if r.ok and r.warning)
+    verdict = f"{failed} of {len(results)} checks failed" if failed else f"all {len(results)} checks passed"
+    click.echo(verdict + (f" ({warned} with a warning)" if warned else ""))
+    sys.exit(1 if failed else 0)
+
+
+def _mark(result: Check) -> str:
+    """✓ pass, ! pass with a warning, ✗ fail (OK/WARN/FAIL where the terminal cannot show them)."""
+    symbol, ascii_word = ("✗", "FAIL") if not result.ok else ("!", "WARN") if result.warning else ("✓", "OK")
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        symbol.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return ascii_word
+    return symbol
 
 
 @main.command()
