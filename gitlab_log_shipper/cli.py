@@ -150,7 +150,10 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
             ops.cycle_finished(report)
             _print_report(report)
             sys.exit(0 if report.complete else 1)
-        faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
+        try:
+            faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
+        except (AttributeError, ValueError, OSError):
+            pass  # stderr is not a real file (embedded, tests): no stack dumps, nothing else changes
         install_signal_handlers(shipper.stop)
         ops.ready()
         run_forever(shipper, config.poll_interval, hooks=ops)

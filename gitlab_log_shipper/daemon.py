@@ -49,9 +49,10 @@ SHUTDOWN_GRACE = 8.0  # seconds the work in flight gets after SIGTERM (systemd's
 MAX_BACKOFF = 900.0  # the longest pause between cycles while GitLab cannot be reached
 
 
-def _run_cycle(shipper: Shipper, hooks: CycleHooks) -> CycleReport | None:
+def _run_cycle(shipper: Shipper, hooks: CycleHooks | None = None) -> CycleReport | None:
     """One cycle in a worker thread, so that a signal is answered within SHUTDOWN_GRACE even while a
     trace download or a POST is in flight. None when the daemon is stopping and the cycle was cut short."""
+    hooks = hooks or CycleHooks()
     box: dict[str, object] = {}
 
     def target() -> None:

@@ -7,9 +7,10 @@
 * **The watchdog and a wedged cycle.** Keep-alives are sent from the main thread (the scheduler loop,
   which also waits for the cycle's worker thread), never from the worker. So a stuck main loop stops
   them at once. A cycle may legitimately take long (the first poll of hundreds of projects, a 200 MB
-  log), so its length is no sign of trouble; *no progress* is: every answer from GitLab or from the
-  receiver counts as progress (a response hook on both HTTP sessions). When the cycle in flight has
-  shown none for :data:`STALL_LIMIT` seconds, the keep-alives stop, systemd kills the daemon
+  log), so its length is no sign of trouble; *no progress* is. Every answer from GitLab or from the
+  receiver counts as progress (a response hook on both HTTP sessions), and so does every line the cycle
+  logs (a project that failed after its retries is progress too: GitLab down is not a wedged daemon).
+  When the cycle in flight has shown none for :data:`STALL_LIMIT` seconds, the keep-alives stop, systemd kills the daemon
   (``WatchdogSignal``, SIGABRT: ``faulthandler`` prints every thread's stack to the journal first) and
   restarts it (``Restart=on-failure``). That is safe: every state change is a transaction, work in
   flight is redone.
@@ -22,6 +23,7 @@ Failures here (a metrics folder that is not writable, a full disk) are logged an
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime
 from typing import Any, Callable
@@ -79,6 +81,8 @@ class Operations(CycleHooks):
     # -- the daemon's life ----------------------------------------------------------------------
 
     def ready(self) -> None:
+        """The daemon is about to run its first cycle (not called for ``run --once``)."""
+        logging.getLogger().addHandler(_LogProgress(self._on_response))
         self.notifier.ready("started; first poll cycle running")
         self._last_keepalive = self.monotonic()
         log.info("gitlab-log-shipper started (mode %s, every %.0f s)%s", self.config.mode, self.config.poll_interval,
@@ -128,7 +132,7 @@ class Operations(CycleHooks):
         if self._in_flight and now - self._progress >= self.stall_limit:
             if not self._stall_reported:
                 self._stall_reported = True
-                log.error("the poll cycle has shown no progress (no answer from GitLab or the receiver) for %.0f s; "
+                log.error("the poll cycle has shown no progress (no answer from GitLab or the receiver, nothing logged) for %.0f s; "
                           "no longer feeding the systemd watchdog, which will restart the daemon", now - self._progress)
             return
         self._last_keepalive = now
@@ -150,3 +154,16 @@ class Operations(CycleHooks):
             action()
         except Exception as exc:  # operators' extras must never end the daemon
             log.error("%s failed: %s", what, exc)
+
+
+class _LogProgress(logging.Handler):
+    """Every log record from a thread other than the main one (the cycle's worker) is a sign of progress."""
+
+    def __init__(self, beat: Callable[..., None]) -> None:
+        super().__init__(logging.NOTSET)
+        self.beat = beat
+        self.main = threading.main_thread().ident
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.main:
+            self.beat(None)

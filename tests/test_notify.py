@@ -3,6 +3,7 @@ watchdog policy for a wedged cycle, and `systemd-analyze verify` on the shipped 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -173,12 +174,21 @@ def test_watchdog_stops_only_when_a_cycle_makes_no_progress(tmp_path: Path) -> N
     ops._on_response(None)  # ...and every answer from GitLab or the receiver is progress
     assert advance(55) == 11
     assert advance(100) == 0  # then 60 s without any answer: the keep-alives stop
+    logging.getLogger("gitlab_log_shipper.test").error("from the main thread: not the cycle's progress")
+    assert advance(10) == 0
+    worker = threading.Thread(target=lambda: logging.getLogger("gitlab_log_shipper.test").error("project 1: 502"))
+    worker.start()
+    worker.join()
+    assert advance(10) == 2  # a line logged by the cycle (a project that failed) is progress: not wedged
     ops.cycle_finished(CycleReport())
     assert advance(10) == 2  # a cycle that ends (even late) restores them
     shipper.stop.set()
     ops.tick()
     assert sent.count("STOPPING=1") == 1 and advance(10) == 0
     shipper.close()
+    for handler in list(logging.getLogger().handlers):
+        if type(handler).__name__ == "_LogProgress":
+            logging.getLogger().removeHandler(handler)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
