@@ -113,7 +113,8 @@ def _token(source: GitLabSource, today: date) -> Check:
     try:
         info = _call("token details", lambda: source.gl.http_get("/personal_access_tokens/self"))
     except GitLabSourceError as exc:
-        return Check("token scopes and expiry", True, f"not revealed by this GitLab ({_reason(exc, 'token details')}); make sure it has "
+        why = _reason(exc, "token details")
+        return Check("token scopes and expiry", True, f"not revealed by this GitLab ({why}); make sure it has "
                      "read_api and note when it expires", warning=True)
     scopes = sorted(_get(info, "scopes") or [])
     name = _get(info, "name") or "?"

@@ -107,8 +107,9 @@ class CycleReport:
             self.results.append(result)
 
     def summary(self) -> str:
-        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, WOULD_SHIP, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED, DUPLICATE,
-                                                    UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS) if self.counts[k]]
+        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, WOULD_SHIP, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED,
+                                                    DUPLICATE, UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS)
+                 if self.counts[k]]
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
         return " ".join(parts) or "nothing to do"
