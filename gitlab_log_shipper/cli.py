@@ -6,22 +6,33 @@ Each command parses, calls one library function and formats the result. This is 
 
 from __future__ import annotations
 
+import faulthandler
+import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
 from . import __version__
+from .check import Check, run_checks
 from .config import Config, load_config, parse_duration, prepare_directories
 from .daemon import install_signal_handlers, run_forever
+from .dryrun import Preview
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
-from .logsetup import setup_logging
+from .notify import Notifier
+from .ops import Operations
+from .progress import BackfillProgress
+from .logsetup import setup_logging, stderr_is_journal
 from .security import startup_warnings, tightened_umask
-from .shipper import SHIPPED, CycleReport, ShipResult, Shipper
+from .shipper import SHIPPED, WOULD_SHIP, CycleReport, ShipResult, Shipper
+from .state import StateStore
+from .stats import record_run
+from .status import collect, empty, render
 from .timeutil import parse_ts, utcnow
 
 log = logging.getLogger("gitlab_log_shipper")
@@ -33,14 +44,15 @@ def _fail(exc: ShipperError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-def _load(ctx: click.Context) -> Config:
+def _load(ctx: click.Context, *, log_file: bool = True) -> Config:
     """Configuration, private file modes (umask 077 on top of the current one, for this command), the
     folders (created 0700 and proven writable) and logging; then the security warnings of every start."""
     ctx.with_resource(tightened_umask())
     try:
         config = load_config(ctx.obj.get("env_file"))
-        prepare_directories(config)
-        setup_logging(config)
+        if log_file:  # status and dry runs create nothing
+            prepare_directories(config)
+        setup_logging(config, to_file=log_file, journald=stderr_is_journal(os.environ))
     except ConfigError as exc:
         _fail(exc)
     for warning in startup_warnings(config):
@@ -51,10 +63,10 @@ def _load(ctx: click.Context) -> Config:
 
 
 @contextmanager
-def _shipper(config: Config) -> Iterator[Shipper]:
+def _shipper(config: Config, **options: Any) -> Iterator[Shipper]:
     """A Shipper for one command; ShipperErrors become a message and an exit code, resources are released."""
     try:
-        shipper = Shipper(config)
+        shipper = Shipper(config, **options)
     except ShipperError as exc:
         _fail(exc)
     try:
@@ -105,21 +117,58 @@ def main(ctx: click.Context, env_file: str | None) -> None:
     ctx.obj["env_file"] = env_file
 
 
+def dry_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--show-document", is_flag=True,
+                           help="With --dry-run: print each document (JSON, logs included) on stdout, one per line; "
+                                "everything else goes to stderr.")(command)
+    return click.option("--dry-run", is_flag=True,
+                        help="Show what would be sent and change nothing: no state, outbox, files, "
+                             "api-requests.log or POST.")(command)
+
+
+def _dry_run(ctx: click.Context, dry_run: bool, show_document: bool) -> tuple[Config, dict[str, Any]]:
+    """The configuration and the Shipper options for a command that may be a dry run."""
+    if show_document and not dry_run:
+        raise click.UsageError("--show-document needs --dry-run")
+    config = _load(ctx, log_file=not dry_run)
+    if not dry_run:
+        return config, {}
+    return config, {"dry_run": True, "preview": Preview(config, show_document=show_document, out=sys.stdout)}
+
+
 @main.command()
 @click.option("--once", is_flag=True, help="Run one poll cycle and exit (0 when every pipeline was delivered).")
+@dry_run_options
 @click.pass_context
-def run(ctx: click.Context, once: bool) -> None:
-    """Poll GitLab every POLL_INTERVAL seconds and ship finished pipelines (the daemon)."""
-    config = _load(ctx)
+def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> None:
+    """Poll GitLab every POLL_INTERVAL seconds and ship finished pipelines (the daemon).
+
+    With --dry-run: one cycle (--once is implied) that shows what it would ship from the current cursors.
+    """
+    config, options = _dry_run(ctx, dry_run, show_document)
+    if dry_run:  # no lock: it writes nothing, so it may run next to the daemon
+        with _shipper(config, **options) as shipper:
+            report = shipper.run_cycle()
+            _print_report(report, err=show_document)
+            sys.exit(0 if report.complete else 1)
     with _locked(config), _shipper(config) as shipper:
         if shipper.delivery is not None:
             shipper.delivery.reconcile()
+        ops = Operations(config, shipper, None if once else Notifier.from_environ(os.environ))
         if once:
+            ops.cycle_started()
             report = shipper.run_cycle()
+            ops.cycle_finished(report)
             _print_report(report)
             sys.exit(0 if report.complete else 1)
+        try:
+            faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
+        except (AttributeError, ValueError, OSError):
+            pass  # stderr is not a real file (embedded, tests): no stack dumps, nothing else changes
         install_signal_handlers(shipper.stop)
-        run_forever(shipper, config.poll_interval)
+        ops.ready()
+        run_forever(shipper, config.poll_interval, hooks=ops)
+        ops.stopping()
 
 
 @main.command()
@@ -127,32 +176,50 @@ def run(ctx: click.Context, once: bool) -> None:
 @click.option("--until", "until_text", default=None, help="End of the window (default: now).")
 @click.option("--project", "project_refs", multiple=True, help="Project ID or path (repeatable). Default: the configured projects.")
 @click.option("--force", is_flag=True, help="Ship again pipelines whose finish was shipped before.")
+@dry_run_options
 @click.pass_context
-def backfill(ctx: click.Context, since_text: str, until_text: str | None, project_refs: tuple[str, ...], force: bool) -> None:
-    """Ship pipelines that finished in a past window, independent of the daemon's cursor."""
+def backfill(ctx: click.Context, since_text: str, until_text: str | None, project_refs: tuple[str, ...], force: bool,
+             dry_run: bool, show_document: bool) -> None:
+    """Ship pipelines that finished in a past window, independent of the daemon's cursor.
+
+    On a terminal a progress line shows pipelines done/total and the time left; elsewhere each pipeline
+    gets a plain line.
+    """
     now = utcnow()
     since = _parse_when(since_text, "--since", now)
     until = _parse_when(until_text, "--until", now) if until_text else now
     if since > until:
         raise click.BadParameter("--since is after --until", param_hint="--since")
-    with _shipper(_load(ctx)) as shipper:
+    config, options = _dry_run(ctx, dry_run, show_document)
+    with _shipper(config, **options) as shipper:
         projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
-        click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)", err=True)
-        report = shipper.backfill(since, until, projects, force=force, progress=_print_progress)
-        _print_report(report)
+        click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)"
+                   + (" (dry run)" if dry_run else ""), err=True)
+        progress = BackfillProgress(sys.stderr if show_document else sys.stdout, sys.stderr, describe=_describe)
+        try:
+            report = shipper.backfill(since, until, projects, force=force, progress=progress, planned=progress.planned)
+        finally:
+            progress.finish()
+        record_run(shipper.state, shipper.config, report)
+        _print_report(report, each=False, err=show_document)
         sys.exit(0 if report.complete else 1)
 
 
 @main.command()
 @click.option("--pipeline-id", required=True, type=click.IntRange(min=1), help="The pipeline to ship.")
 @click.option("--project", "project_ref", default=None, help="Its project (ID or path). Default: search the configured projects.")
+@dry_run_options
 @click.pass_context
-def post(ctx: click.Context, pipeline_id: int, project_ref: str | None) -> None:
+def post(ctx: click.Context, pipeline_id: int, project_ref: str | None, dry_run: bool, show_document: bool) -> None:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
-    with _shipper(_load(ctx)) as shipper:
+    config, options = _dry_run(ctx, dry_run, show_document)
+    with _shipper(config, **options) as shipper:
         result = shipper.post_pipeline(pipeline_id, project_ref)
-        _print_progress(result)
-        sys.exit(0 if result.outcome == SHIPPED else 1)
+        single = CycleReport()
+        single.add(result)
+        record_run(shipper.state, shipper.config, single)
+        _print_progress(result, err=show_document)
+        sys.exit(0 if result.outcome in (SHIPPED, WOULD_SHIP) else 1)
 
 
 @main.command()
@@ -174,23 +241,98 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
         sys.exit(0 if all(p.ok for _, p in results) else 1)
 
 
-def _print_progress(result: ShipResult) -> None:
+@main.command()
+@click.option("--send-test", is_flag=True,
+              help="Also POST one clearly marked test document (pipeline_id 0, header X-Gitlab-Log-Shipper-Test).")
+@click.pass_context
+def check(ctx: click.Context, send_test: bool) -> None:
+    """Validate the configuration, then reach GitLab, the projects, the receiver and the folders: one
+    line per check, exit 0 only if all pass. Changes nothing (unless --send-test)."""
+    try:
+        config = load_config(ctx.obj.get("env_file"))
+    except ConfigError as exc:
+        click.echo(f"{_mark(Check('configuration', False, ''))} configuration: {exc}")
+        sys.exit(exc.exit_code)
+    setup_logging(config, to_file=False, journald=stderr_is_journal(os.environ))
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # the --send-test retries: the ✗ line says it
+    if send_test and not config.posts:
+        raise click.UsageError("--send-test needs API_POST_ENABLED=true")
+    results = []
+    try:
+        for result in run_checks(config, send_test=send_test, today=lambda: utcnow().date(), now=utcnow):
+            results.append(result)
+            click.echo(f"{_mark(result)} {result.name}: {result.detail}")
+    except ShipperError as exc:
+        _fail(exc)
+    failed = sum(1 for r in results if not r.ok)
+    warned = sum(1 for r in results if r.ok and r.warning)
+    verdict = f"{failed} of {len(results)} checks failed" if failed else f"all {len(results)} checks passed"
+    click.echo(verdict + (f" ({warned} with a warning)" if warned else ""))
+    sys.exit(1 if failed else 0)
+
+
+def _mark(result: Check) -> str:
+    """✓ pass, ! pass with a warning, ✗ fail (OK/WARN/FAIL where the terminal cannot show them)."""
+    symbol, ascii_word = ("✗", "FAIL") if not result.ok else ("!", "WARN") if result.warning else ("✓", "OK")
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        symbol.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return ascii_word
+    return symbol
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines, for scripts.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Cursors, last shipments, outbox, dead letters, last cycle and totals, read from STATE_DIR (no network)."""
+    config = _load(ctx, log_file=False)
+    now = utcnow()
+    if not (config.state_dir / "state.sqlite3").is_file():
+        snapshot = empty(config)
+    else:
+        try:
+            state = StateStore(config.state_dir)
+        except ShipperError as exc:
+            _fail(exc)
+        try:
+            snapshot = collect(config, state, now)
+        except ShipperError as exc:
+            _fail(exc)
+        finally:
+            state.close()
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2))
+    else:
+        for line in render(snapshot, now):
+            click.echo(line)
+
+
+def _describe(result: ShipResult) -> str:
     line = f"pipeline {result.pipeline_id} (project {result.project_id}): {result.outcome}"
-    if result.outcome == SHIPPED:
+    if result.outcome in (SHIPPED, WOULD_SHIP):
         line += f", {result.jobs} job(s), {result.log_bytes} log bytes"
         if result.http_status:
             line += f", HTTP {result.http_status}"
         if result.folder:
             line += f", files in {result.folder}"
+        if result.outcome == WOULD_SHIP and result.reason:
+            line += f": would {result.reason}"
     elif result.reason:
         line += f": {result.reason}"
-    click.echo(line)
+    return line
 
 
-def _print_report(report: CycleReport) -> None:
-    for result in report.results:
-        _print_progress(result)
-    click.echo(f"summary: {report.summary()}")
+def _print_progress(result: ShipResult, *, err: bool = False) -> None:
+    click.echo(_describe(result), err=err)
+
+
+def _print_report(report: CycleReport, *, each: bool = True, err: bool = False) -> None:
+    if each:
+        for result in report.results:
+            _print_progress(result, err=err)
+    click.echo(f"summary: {report.summary()}", err=err)
     for error in report.project_errors:
         click.echo(f"project error: {error}", err=True)
 

@@ -24,6 +24,7 @@ from dotenv import dotenv_values
 from .errors import ConfigError
 from .redact import PatternError, parse_patterns
 from .security import plain_http_to_remote, private_mkdir
+from .headers import parse_post_headers
 
 # Statuses GitLab uses for pipelines and jobs (CI::HasStatus). Filters naming anything else are typos.
 PIPELINE_STATUSES = frozenset(
@@ -35,6 +36,7 @@ JOB_STATUSES = PIPELINE_STATUSES
 FINISHED_STATUSES = frozenset({"success", "failed", "canceled", "skipped", "manual"})
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 # Settings of the webhook collector that mean nothing to a poller; accepted so old .env files still load.
 IGNORED_VARIABLES = ("WEBHOOK_PORT", "WEBHOOK_SECRET")
 
@@ -104,6 +106,13 @@ class Config:
     api_post_max_bytes: int = 0  # 0 = unlimited
     shard: tuple[int, int] = (0, 1)  # (index, count): this instance polls projects with id % count == index
 
+    # -- operating it: extra POST headers, api-requests.log rotation, log format, metrics --------
+    api_post_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values are secrets
+    api_requests_log_max_bytes: int = 50 * 1024**2  # 0: the shipper never rotates it (logrotate does)
+    api_requests_log_backups: int = 5
+    log_format: str = "text"  # text | json
+    metrics_textfile: Path | None = None  # Prometheus textfile, rewritten after every cycle
+
     ignored_variables: tuple[str, ...] = ()
 
     @property
@@ -141,7 +150,8 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for redaction checks."""
-        return tuple(s for s in (self.gitlab_token, self.api_post_auth_token) if s)
+        headers = tuple(value for _, value in self.api_post_headers)
+        return tuple(s for s in (self.gitlab_token, self.api_post_auth_token, *headers) if s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +446,17 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
     log_dir = Path(get("LOG_DIR", "./logs") or "./logs")
     log_output_dir = Path(get("LOG_OUTPUT_DIR", "./logs/pipeline-logs") or "./logs/pipeline-logs")
 
+    # -- operating it ------------------------------------------------------------------------------
+    api_post_headers = parse_post_headers("API_POST_HEADERS", get("API_POST_HEADERS", "") or "",
+                                          auth_token_set=api_token is not None)
+    log_format = (get("LOG_FORMAT", "text") or "text").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("LOG_FORMAT", f"expected text or json, got {get('LOG_FORMAT')!r}")
+    metrics_raw = get("METRICS_TEXTFILE")
+    metrics_textfile = Path(metrics_raw) if metrics_raw else None
+    if metrics_textfile is not None and metrics_textfile.suffix != ".prom":
+        raise ConfigError("METRICS_TEXTFILE", "must end in .prom (node_exporter's textfile collector reads only *.prom)")
+
     return Config(
         gitlab_url=gitlab_url,
         gitlab_token=gitlab_token,
@@ -480,6 +501,11 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         api_post_ca_bundle=api_ca_bundle,
         api_post_allow_insecure=allow_insecure,
         log_redact_patterns=redact_patterns,
+        api_post_headers=api_post_headers,
+        api_requests_log_max_bytes=opt("API_REQUESTS_LOG_MAX_BYTES", "50M", lambda n, r: _size(n, r, minimum=0)),
+        api_requests_log_backups=int(opt("API_REQUESTS_LOG_BACKUPS", "5", lambda n, r: _number(n, r, minimum=1, maximum=1000, integer=True))),
+        log_format=log_format,
+        metrics_textfile=metrics_textfile,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
     )
 

@@ -1,39 +1,88 @@
-"""Application logging: one readable line per event on stderr (journald) and in ``LOG_DIR``.
+"""Application logging: one line per event on stderr (journald) and in ``LOG_DIR/gitlab-log-shipper.log``.
 
-Every line goes through :class:`SafeFormatter`: the message is escaped so that one event is one line
-whatever GitLab or the receiver put in it, and the configured tokens are masked in the whole output
-(tracebacks included) — a second line of defence behind the code that never logs them.
+* ``LOG_FORMAT=text`` (default): ``2026-11-26 20:02:05,123 INFO gitlab_log_shipper.shipper: message``.
+  A traceback or a message with line breaks stays one line (breaks become `` | ``), so one event is one
+  journal entry and ``grep`` finds it whole.
+* ``LOG_FORMAT=json``: one JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+  ``message`` and, for errors with a traceback, ``exception``.
+* Under systemd (stderr connected to the journal, ``$JOURNAL_STREAM``) each stderr line starts with its
+  syslog priority (``<3>``), which journald strips and records: ``journalctl -p warning`` works.
+* Every secret of the configuration (the tokens, the ``API_POST_HEADERS`` values) is replaced by ``[MASKED]``
+  wherever it would appear, tracebacks included, as a last line of defence: the code never logs them on
+  purpose. Control characters in messages (whatever GitLab or the receiver sent) are escaped.
+* The log file is created 0600 (``security.open_private``).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import logging.handlers
-from typing import Sequence
+import os
+import sys
+from datetime import datetime, timezone
+from typing import IO, Iterable, Mapping
 
 from .config import Config
 from .errors import ConfigError
-from .security import escape_controls, mask_secrets, open_private, private_mkdir
+from .security import MASK, escape_controls, open_private, private_mkdir
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 APP_LOG_MAX_BYTES = 10 * 1024 * 1024
 APP_LOG_BACKUPS = 5
+REDACTED = MASK
+MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-class SafeFormatter(logging.Formatter):
-    """Escapes control characters in the message and masks ``secrets`` everywhere in the record."""
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret (longest first, so one that contains another goes whole) replaced."""
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
-    def __init__(self, fmt: str, secrets: Sequence[str] = ()) -> None:
-        super().__init__(fmt)
-        self.secrets = tuple(s for s in secrets if s)
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " | ")
+
+
+class TextFormatter(logging.Formatter):
+    """The readable line: secrets redacted, line breaks folded, optionally prefixed with ``<priority>``."""
+
+    def __init__(self, secrets: Iterable[str] = (), *, syslog_prefix: bool = False) -> None:
+        super().__init__(FORMAT)
+        self.secrets = tuple(secrets)
+        self.syslog_prefix = syslog_prefix
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = escape_controls(record.message)
+        record.message = escape_controls(_one_line(record.message))
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record), self.secrets)
+        line = _one_line(redact(self.render(record), self.secrets))
+        if self.syslog_prefix:
+            line = f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+    def render(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+
+class JsonFormatter(TextFormatter):
+    """``LOG_FORMAT=json``: one object per line (line breaks inside strings are JSON-escaped anyway)."""
+
+    def render(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": escape_controls(record.getMessage()),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, ensure_ascii=False)
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -43,19 +92,29 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return open_private(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)
 
 
-def setup_logging(config: Config, *, to_file: bool = True) -> None:
-    """Configure the root logger once. urllib3 and python-gitlab log URLs only, never headers, but are kept
-    at WARNING unless LOG_LEVEL=DEBUG so connection chatter does not drown the shipper's own lines.
+def stderr_is_journal(environ: Mapping[str, str], stream: IO[str] | None = None) -> bool:
+    """True when stderr is systemd's journal stream: ``$JOURNAL_STREAM`` is ``device:inode`` of it."""
+    value = environ.get("JOURNAL_STREAM", "")
+    stream = stream or sys.stderr
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
 
-    Raises ConfigError naming LOG_DIR when the application log cannot be opened."""
+
+def setup_logging(config: Config, *, to_file: bool = True, journald: bool = False) -> None:
+    """Configure the root logger once. urllib3 and python-gitlab log URLs only, never headers, but are kept
+    at WARNING unless LOG_LEVEL=DEBUG so connection chatter does not drown the shipper's own lines."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(config.log_level)
-    formatter = SafeFormatter(FORMAT, config.secrets())
+    kind = JsonFormatter if config.log_format == "json" else TextFormatter
     stderr = logging.StreamHandler()
-    stderr.setFormatter(formatter)
+    stderr.setFormatter(kind(config.secrets(), syslog_prefix=journald))
     root.addHandler(stderr)
     if to_file:
         try:
@@ -66,7 +125,7 @@ def setup_logging(config: Config, *, to_file: bool = True) -> None:
         except OSError as exc:
             root.removeHandler(stderr)
             raise ConfigError("LOG_DIR", f"cannot write {str(config.app_log)!r}: {exc.strerror or exc}") from None
-        handler.setFormatter(formatter)
+        handler.setFormatter(kind(config.secrets()))
         root.addHandler(handler)
     quiet = logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING
     for name in ("urllib3", "gitlab", "requests"):

@@ -46,8 +46,10 @@ from .payload import (
     write_document,
 )
 from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
-from .poster import ApiPoster, RequestLog
+from .dryrun import ReadOnlyStateStore
+from .poster import ApiPoster
 from .redact import Redactor
+from .requestlog import ManagedRequestLog
 from .source import GitLabSource, ProjectRef
 from .state import StateStore
 from .timeutil import parse_ts, utcnow
@@ -64,6 +66,7 @@ UNFINISHED = "unfinished"  # not finished yet: waits for a later cycle
 GONE = "gone"  # deleted in GitLab between listing and fetching
 QUEUED_OUTCOME = "queued"  # the receiver did not take it yet: kept in the outbox, retried on later cycles
 DEAD_LETTERED = "dead_lettered"  # the receiver rejected it for good: kept in the dead-letter folder
+WOULD_SHIP = "would_ship"  # --dry-run: the document was built and shown; nothing sent, written or recorded
 # Counted when the outbox is drained at the start of a cycle.
 OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING = "outbox_delivered", "outbox_dead_lettered", "outbox_waiting"
 OUTBOX_COUNTS = (OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING)
@@ -109,7 +112,7 @@ class CycleReport:
     def add(self, result: ShipResult) -> None:
         with self._lock:
             self.counts[result.outcome] += 1
-            if result.outcome in (*HANDED_OFF, FAILED, GONE):
+            if result.outcome in (*HANDED_OFF, FAILED, GONE, WOULD_SHIP):
                 self.results.append(result)
 
     def error(self, message: str) -> None:
@@ -117,8 +120,9 @@ class CycleReport:
             self.project_errors.append(message)
 
     def summary(self) -> str:
-        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED, DUPLICATE,
-                                                    UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS) if self.counts[k]]
+        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, WOULD_SHIP, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED,
+                                                    DUPLICATE, UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS)
+                 if self.counts[k]]
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
         return " ".join(parts) or "nothing to do"
@@ -152,18 +156,28 @@ class Shipper:
         source: GitLabSource | None = None,
         clock: Callable[[], datetime] = utcnow,
         stop: threading.Event | None = None,
+        dry_run: bool = False,
+        preview: Callable[[Path, Mapping[str, Any], ShipResult], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.stop = stop or threading.Event()
-        self.state = state or StateStore(config.state_dir)
+        # --dry-run: decide as for real, build each document and hand it to ``preview`` (path, header,
+        # result); no state is written (read-only store), no POST, no file output, nothing in STATE_DIR.
+        self.dry_run = dry_run
+        self.preview = preview
+        self.state = state or (ReadOnlyStateStore(config.state_dir) if dry_run else StateStore(config.state_dir))
         self.source = source or GitLabSource(config)
-        self.poster = ApiPoster(config, RequestLog(config.api_requests_log), clock=clock) if config.posts else None
-        self.files = FileOutput(config.log_output_dir) if config.writes_files else None
+        posts, writes_files = config.posts and not dry_run, config.writes_files and not dry_run
+        self.poster = ApiPoster(config, ManagedRequestLog.for_config(config), clock=clock) if posts else None
+        self.files = FileOutput(config.log_output_dir) if writes_files else None
         self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
         self.redactor = Redactor.from_config(config)  # LOG_REDACT_PATTERNS; None when off
-        self.spool_root = config.state_dir / "spool" / str(os.getpid())
-        _remove_dead_spools(config.state_dir / "spool")
+        if dry_run:
+            self.spool_root = Path(tempfile.mkdtemp(prefix="gitlab-log-shipper-dry-run-"))
+        else:
+            self.spool_root = config.state_dir / "spool" / str(os.getpid())
+            _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
         # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
@@ -214,6 +228,11 @@ class Shipper:
             self._projects = allowed
             self._discovered_at = now
         return self._projects
+
+    @property
+    def known_projects(self) -> list[ProjectRef]:
+        """The projects of the latest discovery, without a request (empty before the first); for `status`."""
+        return list(self._projects or [])
 
     def resolve_projects(self, refs: Iterable[str]) -> list[ProjectRef]:
         """``--project`` options (ids or paths) → projects, without applying the project filters."""
@@ -452,6 +471,14 @@ class Shipper:
                  list_row: tuple[str, str] | None) -> None:
         """Files first (file and dual mode: they are written whatever the API says), then the API through
         the outbox-backed :class:`Delivery`. Sets ``result.outcome``; the state records every hand-over."""
+        if self.dry_run:
+            document = spool / "document.json"
+            with open(document, "wb") as out:
+                write_document(out, header, jobs)
+            result.outcome = WOULD_SHIP
+            if self.preview:
+                self.preview(document, header, result)
+            return
         if self.files is not None:
             try:
                 result.folder = self.files.write_pipeline(header, jobs, self.clock())
@@ -485,25 +512,38 @@ class Shipper:
     # -- backfill and one-off posts -------------------------------------------------------------
 
     def backfill(self, since: datetime, until: datetime, projects: list[ProjectRef], *, force: bool = False,
-                 progress: Callable[[ShipResult], None] | None = None) -> CycleReport:
+                 progress: Callable[[ShipResult], None] | None = None,
+                 planned: Callable[[int], None] | None = None) -> CycleReport:
         """Ship what finished in [since, until], independent of the cursor; records what it shipped.
 
         Lists by ``updated_after=since`` (a pipeline's updated_at is never before its finish), then keeps
         those whose ``finished_at`` falls in the window. Finishes shipped before are skipped unless ``force``.
+        First finds them all (``planned`` is told how many), then ships them (``progress`` after each), so
+        that a terminal can show done/total and an ETA.
         """
         report = CycleReport()
+        todo: list[tuple[ProjectRef, Mapping[str, Any]]] = []
         for project in projects:
             if self.stop.is_set():
                 break
             try:
-                self._backfill_project(project, since, until, force, report, progress)
+                self._backfill_project(project, since, until, force, report, todo)
             except GitLabSourceError as exc:
                 log.error("project %s: %s", project.id, exc)
                 report.project_errors.append(f"{project.id}: {exc}")
+        if planned:
+            planned(len(todo))
+        for project, detail in todo:
+            if self.stop.is_set():
+                break
+            result = self.ship(project, detail)
+            report.add(result)
+            if progress:
+                progress(result)
         return report
 
     def _backfill_project(self, project: ProjectRef, since: datetime, until: datetime, force: bool,
-                          report: CycleReport, progress: Callable[[ShipResult], None] | None) -> None:
+                          report: CycleReport, todo: list[tuple[ProjectRef, Mapping[str, Any]]]) -> None:
         seen_ids: set[int] = set()
         for row in self.source.iter_pipelines(project.id, since):
             if self.stop.is_set():
@@ -529,10 +569,7 @@ class Shipper:
             if not force and self.state.is_shipped(project.id, pipeline_id, finish):
                 report.add(ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish))
                 continue
-            result = self.ship(project, detail)
-            report.add(result)
-            if progress:
-                progress(result)
+            todo.append((project, detail))
 
     def post_pipeline(self, pipeline_id: int, project_ref: str | None) -> ShipResult:
         """Ship one pipeline now, even if it was shipped before (a resend carries the same Idempotency-Key)."""

@@ -12,6 +12,7 @@ What is stored:
   seen again in the overlap window without another request — and the finish last shipped
   (``status|finished_at``), which is what makes "each distinct finish is shipped once" true.
 * ``deliveries``: one row per shipped finish (idempotency key, outcome), for ``status`` and audits.
+* ``stats``: running totals by outcome and the last cycle's time, duration and summary (``status``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from .errors import StateError
 from .timeutil import format_ts, parse_ts
@@ -69,6 +70,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     next_attempt_at TEXT NOT NULL
 );
+-- Running totals and the last cycle, for `status` and the metrics textfile. Added without a schema
+-- version bump: an older shipper simply ignores the table, so a rollback keeps working.
+CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 RECOVERY_HINT = (
@@ -298,3 +302,33 @@ class StateStore:
 
     def iter_pipelines(self) -> Iterator[tuple]:
         yield from self._query("SELECT project_id, pipeline_id, list_status, list_updated_at, shipped_finish FROM pipelines")
+
+    # -- statistics (status, metrics) -----------------------------------------------------------
+
+    def record_stats(self, counts: Mapping[str, int], values: Mapping[str, str], *,
+                     replace_prefix: str | None = None) -> None:
+        """One transaction: add ``counts`` to the running totals (keys ``count.<name>``), set ``values``,
+        and first drop every key starting with ``replace_prefix`` (a set that is written whole)."""
+        statements: list[tuple[str, tuple]] = []
+        if replace_prefix:
+            statements.append(("DELETE FROM stats WHERE substr(key, 1, ?) = ?", (len(replace_prefix), replace_prefix)))
+        statements += [(
+            "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)",
+            (f"count.{name}", str(int(n))),
+        ) for name, n in counts.items() if n]
+        statements += [("INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value)) for key, value in values.items()]
+        if statements:
+            self._write(statements)
+
+    def stats(self) -> dict[str, str]:
+        return dict(self._query("SELECT key, value FROM stats"))
+
+    def last_deliveries(self) -> dict[int, dict[str, object]]:
+        """Per project, its newest delivery record: which pipeline was handed over last, how and when."""
+        rows = self._query(
+            "SELECT project_id, pipeline_id, outcome, delivered_at FROM deliveries "
+            "WHERE seq IN (SELECT MAX(seq) FROM deliveries GROUP BY project_id)"
+        )
+        return {row[0]: {"pipeline_id": row[1], "outcome": row[2], "at": row[3]} for row in rows}

@@ -1,5 +1,5 @@
-"""The quick-start demo: the real ``gitlab-log-shipper run --once`` against the bundled GitLab simulator
-and a local receiver, then what the receiver got and what ``api-requests.log`` says.
+"""The quick-start demo: the real ``gitlab-log-shipper check``, ``run --once`` and ``status`` against the
+bundled GitLab simulator and a local receiver, then what the receiver got and what ``api-requests.log`` says.
 
 Run through ``scripts/demo.sh`` (which installs the project first). Everything lives under ``./demo``.
 """
@@ -66,11 +66,16 @@ def main() -> int:
             f"API_POST_SAVE_TO_FILE=true\nSTATE_DIR={DEMO / 'state'}\nLOG_DIR={DEMO / 'logs'}\n"
             f"LOG_OUTPUT_DIR={DEMO / 'logs' / 'pipeline-logs'}\n"
         )
-        command = [str(Path(sys.executable).parent / "gitlab-log-shipper"), "--env-file", str(env_file), "run", "--once"]
-        print(f"$ gitlab-log-shipper --env-file demo/.env run --once", flush=True)
-        code = subprocess.call(command, cwd=DEMO)
+        shipper = [str(Path(sys.executable).parent / "gitlab-log-shipper"), "--env-file", str(env_file)]
+        print("$ gitlab-log-shipper --env-file demo/.env check", flush=True)
+        subprocess.call([*shipper, "check"], cwd=DEMO)
+        print(f"\n$ gitlab-log-shipper --env-file demo/.env run --once", flush=True)
+        code = subprocess.call([*shipper, "run", "--once"], cwd=DEMO)
         print(f"(exit code {code})\n")
         docs = [r.json() for r in receiver.accepted()]
+        print("$ gitlab-log-shipper --env-file demo/.env status", flush=True)
+        subprocess.call([*shipper, "status"], cwd=DEMO)
+        print()
     print(f"The receiver accepted {len(docs)} document(s), one per finished pipeline "
           f"(the running pipeline waits for a later cycle). The first one:")
     if docs:

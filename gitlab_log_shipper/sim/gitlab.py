@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 ENDPOINTS: tuple[str, ...] = (
     "version", "user", "projects", "project", "group", "group_projects", "pipelines", "pipeline",
-    "pipeline_jobs", "pipeline_bridges", "job", "trace", "commit",
+    "pipeline_jobs", "pipeline_bridges", "job", "trace", "commit", "token_self",
 )
 """Endpoint names used by :attr:`GitLabSimulator.counters` and :meth:`GitLabSimulator.inject`.
 Requests to anything else are counted as ``"unknown"``."""
@@ -775,6 +775,8 @@ def _route(path: str) -> tuple[str, list[str]]:
     n = len(parts)
     if n == 1 and parts[0] in ("version", "user", "projects"):
         return parts[0], []
+    if parts == ["personal_access_tokens", "self"]:
+        return "token_self", []
     if n >= 2 and parts[0] == "projects":
         pid, rest = parts[1], parts[2:]
         if not rest:
@@ -1128,6 +1130,8 @@ class GitLabSimulator(LoopbackService):
                 }, {}
             if endpoint == "user":
                 return render.current_user(), {}
+            if endpoint == "token_self":
+                return self._token_self(), {}
             if endpoint == "projects":
                 return self._list_projects(render, params, path, query)
             if endpoint == "group":
@@ -1168,6 +1172,26 @@ class GitLabSimulator(LoopbackService):
             if endpoint == "commit":
                 return render.commit_detail(project, self._commit(project, args[1])), {}
         raise _not_found()
+
+    def _token_self(self) -> dict[str, Any]:
+        """GET /personal_access_tokens/self: the token the request authenticated with (GitLab 15.5+)."""
+        info = self.world.token_info
+        if info is None:
+            raise _not_found()
+        now = self.world.now()
+        expires = info.get("expires_at")
+        return {
+            "id": 42,
+            "name": info.get("name"),
+            "revoked": bool(info.get("revoked")),
+            "created_at": _ts(now - timedelta(days=30)),
+            "description": "",
+            "scopes": list(info.get("scopes") or []),
+            "user_id": self.world.current_user["id"],
+            "last_used_at": _ts(now),
+            "active": bool(info.get("active", True)),
+            "expires_at": expires.isoformat() if expires is not None else None,
+        }
 
     # lookups (404s as GitLab words them) ----------------------------------------------------------
 

@@ -265,6 +265,15 @@ class World:
         self._next_job = JOB_ID_START
         self._next_iid: dict[int, int] = {}
         self.current_user: dict[str, Any] = self.add_user("sim-user", "Sim User", "sim-user@example.com")
+        # What GET /personal_access_tokens/self reveals about ``token`` (None: answer 404, as for a token
+        # that is not a personal, project or group access token). ``expires_at`` is a date or None.
+        self.token_info: dict[str, Any] | None = {
+            "name": "gitlab-log-shipper",
+            "scopes": ["read_api"],
+            "expires_at": (self.now() + timedelta(days=90)).date(),
+            "revoked": False,
+            "active": True,
+        }
 
     # -- time -----------------------------------------------------------------------------------
 

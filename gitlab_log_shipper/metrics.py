@@ -1,0 +1,92 @@
+"""Prometheus metrics without an inbound port: a textfile for node_exporter's textfile collector.
+
+``METRICS_TEXTFILE=/var/lib/node_exporter/textfile_collector/gitlab_log_shipper.prom`` makes the daemon
+rewrite that file after every cycle: written to a temporary file in the same folder and renamed, so the
+collector never reads half of it; mode 0644 (node_exporter runs as another user; nothing secret is in it).
+The collector adds ``node_textfile_mtime_seconds{file=...}``: alert on it too, it goes stale when the
+daemon stops writing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
+from .timeutil import parse_ts
+
+PREFIX = "gitlab_log_shipper"
+
+
+def _timestamp(value: str | None) -> float | None:
+    return parse_ts(value).timestamp() if value else None
+
+
+def render(snapshot: dict[str, Any], now: datetime) -> str:
+    """The snapshot of :func:`gitlab_log_shipper.status.collect` in the text exposition format."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float | None]]) -> None:
+        samples = [(labels, value) for labels, value in samples if value is not None]
+        if not samples:
+            return  # unknown (e.g. GitLab sent no rate-limit header yet): absent rather than a made-up 0
+        out.append(f"# HELP {PREFIX}_{name} {help_text}")
+        out.append(f"# TYPE {PREFIX}_{name} {kind}")
+        for labels, value in samples:
+            number = repr(float(value)) if isinstance(value, float) else str(value)
+            out.append(f"{PREFIX}_{name}{labels} {number}")
+
+    totals = snapshot["totals"]
+    cycle = snapshot["last_cycle"] or {}
+    outbox = snapshot["outbox"]
+    metric("info", "gauge", "Version and mode of the shipper.",
+           [(f'{{version="{snapshot["version"]}",mode="{snapshot["mode"]}"}}', 1)])
+    metric("pipelines_total", "counter",
+           "Pipelines by outcome since the state store was created (failed counts every failed attempt).",
+           [(f'{{outcome="{name}"}}', totals[name]) for name in TOTALS])
+    metric("cycles_total", "counter", "Poll cycles run.", [("", totals[CYCLES])])
+    metric("cycles_incomplete_total", "counter", "Poll cycles that left something undelivered.",
+           [("", totals[INCOMPLETE_CYCLES])])
+    metric("outbox_documents", "gauge", "Documents waiting in the outbox for the receiver.", [("", outbox["documents"])])
+    metric("outbox_bytes", "gauge", "Size of the outbox.", [("", outbox["bytes"])])
+    metric("outbox_oldest_age_seconds", "gauge", "Age of the oldest document in the outbox (0 when empty).",
+           [("", outbox["oldest_age_seconds"] or 0.0)])
+    metric("dead_letters", "gauge", "Documents the receiver rejected for good, waiting for `redeliver`.",
+           [("", snapshot["dead_letters"]["count"])])
+    metric("last_cycle_duration_seconds", "gauge", "How long the last poll cycle took.",
+           [("", cycle.get("duration_seconds"))])
+    metric("last_cycle_timestamp_seconds", "gauge", "When the last poll cycle ended (Unix time).",
+           [("", _timestamp(cycle.get("finished_at")))])
+    metric("last_cycle_project_errors", "gauge", "Projects the last cycle could not poll.",
+           [("", cycle.get("project_errors"))])
+    metric("last_success_timestamp_seconds", "gauge",
+           "When a cycle last ended with everything it found delivered (Unix time).",
+           [("", _timestamp(snapshot["last_success_at"]))])
+    metric("gitlab_rate_limit_remaining", "gauge",
+           "GitLab API requests left in the current rate-limit window (RateLimit-Remaining).",
+           [("", snapshot["gitlab_rate_limit_remaining"])])
+    metric("textfile_written_timestamp_seconds", "gauge", "When this file was written (Unix time).",
+           [("", round(now.timestamp(), 3))])
+    return "\n".join(out) + "\n"
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,169 @@
+"""What the daemon does around its poll cycles for the people operating it.
+
+* **systemd** (``Type=notify``, see :mod:`notify`): ``READY=1`` once started (state opened, lock held,
+  outbox reconciled) — just before the first cycle; ``STATUS=`` with a one-line summary when a cycle
+  starts and ends; ``STOPPING=1`` as soon as SIGTERM arrives; ``WATCHDOG=1`` every half
+  ``WatchdogSec=``.
+* **The watchdog and a wedged cycle.** Keep-alives are sent from the main thread (the scheduler loop,
+  which also waits for the cycle's worker thread), never from the worker. So a stuck main loop stops
+  them at once. A cycle may legitimately take long (the first poll of hundreds of projects, a 200 MB
+  log), so its length is no sign of trouble; *no progress* is. Every answer from GitLab or from the
+  receiver counts as progress (a response hook on both HTTP sessions), and so does every line the cycle
+  logs (a project that failed after its retries is progress too: GitLab down is not a wedged daemon).
+  When the cycle in flight has shown none for :data:`STALL_LIMIT` seconds, the keep-alives stop, systemd kills the daemon
+  (``WatchdogSignal``, SIGABRT: ``faulthandler`` prints every thread's stack to the journal first) and
+  restarts it (``Restart=on-failure``). That is safe: every state change is a transaction, work in
+  flight is redone.
+* **Statistics** (:mod:`stats`) in the state store after every cycle, for ``status``.
+* **Metrics** (:mod:`metrics`): the Prometheus textfile, when ``METRICS_TEXTFILE`` is set.
+
+Failures here (a metrics folder that is not writable, a full disk) are logged and never end the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable
+
+from .config import Config
+from .daemon import CycleHooks
+from .metrics import render as render_metrics, write_textfile
+from .notify import Notifier
+from .shipper import OUTBOX_WAITING, CycleReport, Shipper
+from .stats import record_cycle
+from .status import collect
+from .timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+STALL_LIMIT = 30 * 60.0  # seconds without any HTTP answer during a cycle before the watchdog gives up on it
+
+
+class Operations(CycleHooks):
+    def __init__(
+        self,
+        config: Config,
+        shipper: Shipper,
+        notifier: Notifier | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+        stall_limit: float = STALL_LIMIT,
+    ) -> None:
+        self.config = config
+        self.shipper = shipper
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.monotonic = monotonic
+        self.stall_limit = stall_limit
+        self._started_at: datetime | None = None
+        self._in_flight = False
+        self._progress = monotonic()
+        self._last_keepalive: float | None = None
+        self._stall_reported = False
+        self._stopping_sent = False
+        for session in self._sessions():
+            session.hooks["response"].append(self._on_response)
+
+    def _sessions(self) -> list[Any]:
+        sessions = [self.shipper.source.gl.session] if hasattr(self.shipper.source, "gl") else []
+        if self.shipper.poster is not None:
+            sessions.append(self.shipper.poster.session)
+        return sessions
+
+    def _on_response(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        """requests response hook (runs in the worker thread): a sign of progress."""
+        self._progress = self.monotonic()
+
+    # -- the daemon's life ----------------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The daemon is about to run its first cycle (not called for ``run --once``)."""
+        logging.getLogger().addHandler(_LogProgress(self._on_response))
+        self.notifier.ready("started; first poll cycle running")
+        self._last_keepalive = self.monotonic()
+        log.info("gitlab-log-shipper started (mode %s, every %.0f s)%s", self.config.mode, self.config.poll_interval,
+                 "; notifying systemd" if self.notifier.enabled else "")
+
+    def cycle_started(self) -> None:
+        self._started_at = self.clock()
+        self._progress = self.monotonic()
+        self._in_flight = True
+        self._stall_reported = False
+        self.notifier.status(f"poll cycle running since {self._started_at:%H:%M:%S} UTC")
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        self._in_flight = False
+        finished = self.clock()
+        started = self._started_at or finished
+        duration = (finished - started).total_seconds()
+        self._guarded("recording the cycle's statistics", lambda: record_cycle(
+            self.shipper.state, self.config, report, started=started, finished=finished,
+            rate_limit_remaining=getattr(self.shipper.source, "rate_limit_remaining", None),
+            projects=self.shipper.known_projects))
+        self.write_metrics()
+        outbox = f"; outbox {report.counts[OUTBOX_WAITING]}" if self.shipper.delivery is not None else ""
+        errors = f"; {len(report.project_errors)} project error(s)" if report.project_errors else ""
+        self.notifier.status(f"last cycle {finished:%H:%M:%S} UTC, {duration:.1f} s: {report.summary()}{outbox}{errors}")
+
+    def cycle_failed(self, error: BaseException) -> None:
+        self._in_flight = False
+        self.notifier.status(f"last cycle failed unexpectedly ({error.__class__.__name__}); retrying on schedule")
+
+    def stopping(self) -> None:
+        """Shutdown has begun (SIGTERM): tell systemd once."""
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping("stopping: finishing the work in flight")
+
+    def tick(self) -> None:
+        if self.shipper.stop.is_set():
+            self.stopping()
+            return
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        now = self.monotonic()
+        if self._last_keepalive is not None and now - self._last_keepalive < interval:
+            return
+        if self._in_flight and now - self._progress >= self.stall_limit:
+            if not self._stall_reported:
+                self._stall_reported = True
+                log.error("the poll cycle has shown no progress (no answer from GitLab or the receiver, nothing logged) for %.0f s; "
+                          "no longer feeding the systemd watchdog, which will restart the daemon", now - self._progress)
+            return
+        self._last_keepalive = now
+        self.notifier.watchdog()
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def write_metrics(self) -> None:
+        path = self.config.metrics_textfile
+        if path is None:
+            return
+        def write() -> None:
+            now = self.clock()
+            write_textfile(path, render_metrics(collect(self.config, self.shipper.state, now), now))
+        self._guarded(f"writing METRICS_TEXTFILE={path}", write)
+
+    def _guarded(self, what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # operators' extras must never end the daemon
+            log.error("%s failed: %s", what, exc)
+
+
+class _LogProgress(logging.Handler):
+    """Every log record from a thread other than the main one (the cycle's worker) is a sign of progress."""
+
+    def __init__(self, beat: Callable[..., None]) -> None:
+        super().__init__(logging.NOTSET)
+        self.beat = beat
+        self.main = threading.main_thread().ident
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.main:
+            self.beat(None)
