@@ -98,7 +98,7 @@ class Config:
     outbox_max_age: float = 7 * 86400.0
     outbox_retry_max: float = 900.0
 
-    concurrency: int = 4
+    concurrency: int = 8
     gitlab_max_requests_per_second: float = 0.0  # 0 = no cap of our own (GitLab's RateLimit-* still obeyed)
     poll_child_pipelines: bool = True
     api_post_compression: str = "none"  # none | gzip
@@ -490,7 +490,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         outbox_max_bytes=opt("OUTBOX_MAX_BYTES", "5G", lambda n, r: _size(n, r, minimum=1024 * 1024)),
         outbox_max_age=opt("OUTBOX_MAX_AGE", "7d", lambda n, r: _duration(n, r, minimum=60, maximum=MAX_LOOKBACK)),
         outbox_retry_max=opt("OUTBOX_RETRY_MAX", "15m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
-        concurrency=int(opt("CONCURRENCY", "4", lambda n, r: _number(n, r, minimum=1, maximum=64, integer=True))),
+        concurrency=int(opt("CONCURRENCY", "8", lambda n, r: _number(n, r, minimum=1, maximum=64, integer=True))),
         gitlab_max_requests_per_second=opt("GITLAB_MAX_REQUESTS_PER_SECOND", "0", lambda n, r: _number(n, r, minimum=0, maximum=10000)),
         poll_child_pipelines=opt("POLL_CHILD_PIPELINES", "true", _bool),
         api_post_compression=opt("API_POST_COMPRESSION", "none", lambda n, r: _choice(n, r, ("none", "gzip"))),

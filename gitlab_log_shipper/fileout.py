@@ -58,10 +58,10 @@ def job_log_name(job_id: int, job_name: str | None) -> str:
     return f"job_{job_id}_{safe}.log" if safe else f"job_{job_id}.log"
 
 
-def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None = None, mode: int = 0o600) -> None:
     """Write ``data`` (or copy ``source``) to ``path`` via temp file + fsync + rename (+ fsync of the folder).
 
-    The file is created 0600 (mkstemp), its missing folders 0700."""
+    The file is created 0600 (mkstemp) unless ``mode`` says otherwise, its missing folders 0700."""
     private_mkdir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -73,6 +73,8 @@ def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None =
                 out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        if mode != 0o600:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -9,11 +9,11 @@ daemon stops writing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from .fileout import atomic_write
 
 from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
 from .timeutil import parse_ts
@@ -74,19 +74,6 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644 so that
+    node_exporter, running as another user, can read it."""
+    atomic_write(Path(path), text.encode("utf-8"), mode=0o644)

@@ -102,7 +102,8 @@ class GitLabSession(requests.Session):
         self.throttle.before_request()
         try:
             response = super().send(request, **kwargs)
-            self.throttle.observe(response.headers)
+            if response.status_code != 429:  # on a 429 python-gitlab already waits (Retry-After / RateLimit-Reset)
+                self.throttle.observe(response.headers)
             return response
         except requests.exceptions.SSLError as exc:
             problem = _certificate_problem(exc)

@@ -69,7 +69,7 @@ def main() -> int:
         shipper = [str(Path(sys.executable).parent / "gitlab-log-shipper"), "--env-file", str(env_file)]
         print("$ gitlab-log-shipper --env-file demo/.env check", flush=True)
         subprocess.call([*shipper, "check"], cwd=DEMO)
-        print(f"\n$ gitlab-log-shipper --env-file demo/.env run --once", flush=True)
+        print("\n$ gitlab-log-shipper --env-file demo/.env run --once", flush=True)
         code = subprocess.call([*shipper, "run", "--once"], cwd=DEMO)
         print(f"(exit code {code})\n")
         docs = [r.json() for r in receiver.accepted()]

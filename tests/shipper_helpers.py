@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +49,28 @@ class Env:
         runner = CliRunner()
         return runner.invoke(main, ["--env-file", str(env_file), *args], env={**self.values, **overrides},
                              catch_exceptions=False)
+
+
+def start_daemon(env: Env, **extra_env: str) -> "subprocess.Popen[str]":
+    """``gitlab-log-shipper run`` as a real process (signals, locks and kill -9 need one)."""
+    (env.tmp / "empty.env").touch()
+    return subprocess.Popen(
+        [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(env.tmp / "empty.env"), "run"],
+        env={**os.environ, **env.values, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def stop_daemon(proc: "subprocess.Popen[str]", timeout: float = 15) -> tuple[int, str]:
+    """SIGTERM (unless it already ended), then its exit code and everything it printed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise
+    return proc.returncode, output
 
 
 def make_env(tmp: Path, sim: GitLabSimulator, receiver: Receiver | None, **overrides: str) -> Env:

@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
 
-from shipper_helpers import documents, make_env
+from shipper_helpers import documents, make_env, start_daemon, stop_daemon
 
 TOKEN = "glpat-BADINPUT0123456789"
 API_TOKEN = "rcv-BADINPUT-secret"
@@ -245,21 +242,13 @@ def test_the_daemon_keeps_running_through_malformed_answers(tmp_path: Path) -> N
         sim.inject("pipelines", 200, body='[{"a": 1}]')  # once a KeyError in the shipper
         sim.inject("pipeline", 200, count=2, body="<html><body>maintenance</body></html>")
         sim.inject("pipeline_jobs", 200, body='[{"id": "x"}]')
-        (tmp_path / "empty.env").touch()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp_path / "empty.env"), "run"],
-            env={**os.environ, **env.values}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        proc = start_daemon(env)
         try:
             receiver.wait_for(1, timeout=30)
             time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            output, _ = proc.communicate(timeout=15)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 0, output
+            code, output = stop_daemon(proc)
+    assert code == 0, output
     assert sim.faults_served["injected"] == 4
     assert [d["pipeline_id"] for d in documents(receiver)] == [pipeline.id]
     assert output.count("unexpected answer from GitLab") >= 4  # each injected answer, logged with its reason

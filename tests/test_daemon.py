@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +9,7 @@ from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
 
-from shipper_helpers import documents, make_env
+from shipper_helpers import documents, make_env, start_daemon, stop_daemon
 
 
 def test_run_polls_on_schedule_and_stops_cleanly_on_sigterm(
@@ -22,23 +18,15 @@ def test_run_polls_on_schedule_and_stops_cleanly_on_sigterm(
     project = world.add_project("team/app")
     first = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
     env = make_env(tmp_path, gitlab_sim, receiver, POLL_INTERVAL="1")
-    (tmp_path / "empty.env").touch()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp_path / "empty.env"), "run"],
-        env={**os.environ, **env.values}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = start_daemon(env)
     try:
         receiver.wait_for(1, timeout=20)
         second = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("b", "test", "failed", log="b\n")])
         receiver.wait_for(2, timeout=20)  # picked up by a later scheduled cycle, no restart
         assert [d["pipeline_id"] for d in documents(receiver)] == [first.id, second.id]
         time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, output
+        code, output = stop_daemon(proc)
+    assert code == 0, output
     assert "received SIGTERM" in output and "stopped" in output
     assert "Traceback" not in output

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -24,27 +22,7 @@ from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
 from gitlab_log_shipper.state import StateStore
 
-from shipper_helpers import Env, documents, make_env
-
-
-def start_daemon(env: Env) -> subprocess.Popen[str]:
-    (env.tmp / "empty.env").touch()
-    return subprocess.Popen(
-        [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(env.tmp / "empty.env"), "run"],
-        env={**os.environ, **env.values}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def stop_daemon(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise
-    return proc.returncode, output
+from shipper_helpers import documents, make_env, start_daemon, stop_daemon
 
 
 def test_permanent_rejection_goes_to_dead_letters_and_redeliver_sends_it(

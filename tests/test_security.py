@@ -304,6 +304,7 @@ def test_names_from_gitlab_never_escape_the_output_folder(name: str, tmp_path: P
     log.write_bytes(b"raw\n")
     folder = FileOutput(root).write_pipeline(
         _header(name), [JobLog(job_fields(_job(7, name)), log), JobLog(job_fields(_job(8, name)), None)], _NOW)
+    assert folder.resolve().is_relative_to(root.resolve())
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != log]
     assert len(written) == 3  # metadata.json and two logs, nothing anywhere else
     for path in written:

@@ -430,7 +430,6 @@ class _Renderer:
 
     def project(self, project: Project, *, single: bool = False) -> dict[str, Any]:
         """The full project entity (``single`` adds ``permissions``, as only GET /projects/:id has)."""
-        web = f"{self.base}/{project.path_with_namespace}"
         api = f"{self.base}/api/v4/projects/{project.id}"
         host = urlsplit(self.base).hostname or "gitlab.example.com"
         data = self.project_simple(project)
