@@ -58,11 +58,14 @@ def job_log_name(job_id: int, job_name: str | None) -> str:
     return f"job_{job_id}_{safe}.log" if safe else f"job_{job_id}.log"
 
 
-def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None = None, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes | None = None, *, source: Path | None = None, mode: int = 0o600,
+                 create_folders: bool = True) -> None:
     """Write ``data`` (or copy ``source``) to ``path`` via temp file + fsync + rename (+ fsync of the folder).
 
-    The file is created 0600 (mkstemp) unless ``mode`` says otherwise, its missing folders 0700."""
-    private_mkdir(path.parent)
+    The file is created 0600 (mkstemp) unless ``mode`` says otherwise, its missing folders 0700 (or, with
+    ``create_folders=False``, a missing folder is an error)."""
+    if create_folders:
+        private_mkdir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:

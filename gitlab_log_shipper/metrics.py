@@ -76,4 +76,4 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
 def write_textfile(path: Path, text: str) -> None:
     """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644 so that
     node_exporter, running as another user, can read it."""
-    atomic_write(Path(path), text.encode("utf-8"), mode=0o644)
+    atomic_write(Path(path), text.encode("utf-8"), mode=0o644, create_folders=False)  # the collector's folder
