@@ -1,6 +1,6 @@
 """Benchmark: gitlab-log-shipper against the naive sequential way, in one run, on the bundled simulator.
 
-    python bench/run.py                       # defaults: 40 pipelines x 8 jobs x 200 KB logs, 20 ms latency
+    python bench/run.py                       # defaults: 60 pipelines x 8 jobs x 50 KB logs, 20 ms latency
     python bench/run.py --pipelines 80 --jobs 8 --log-size 100000 --latency 0.02 --big-jobs 10 --big-size 50M
 
 Both contestants run as separate processes against the same simulated GitLab (every request delayed by
@@ -117,9 +117,9 @@ def report(runs: list[Run], pipelines: int, log_bytes: int, minimum: float) -> N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipelines", type=int, default=40)
+    parser.add_argument("--pipelines", type=int, default=60)
     parser.add_argument("--jobs", type=int, default=8)
-    parser.add_argument("--log-size", type=size_arg, default=200_000)
+    parser.add_argument("--log-size", type=size_arg, default=50_000)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--concurrency", type=int, default=None, help="CONCURRENCY for the shipper (default: its own)")
     parser.add_argument("--big-jobs", type=int, default=10)
