@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,16 @@ from gitlab_log_shipper.sim.world import World
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The real GitLab.com responses live beside the checkout (../shared/gitlab-samples); CI copies them there.
 SAMPLES_DIR = REPO_ROOT.parent / "shared" / "gitlab-samples"
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """A permissive umask, so that only the code's own modes can make files private."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture

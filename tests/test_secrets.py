@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-import pytest
 from click.testing import CliRunner
 
 from gitlab_log_shipper.cli import main
@@ -53,14 +52,6 @@ def encodings(secret: str) -> Iterator[bytes]:
 def leaks(data: bytes) -> list[str]:
     return [secret for secret in SECRETS if any(form in data for form in encodings(secret))]
 
-
-@pytest.fixture
-def loose_umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_no_token_ever_reaches_disk_stdout_or_stderr(tmp_path: Path, loose_umask: None) -> None:

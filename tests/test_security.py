@@ -13,7 +13,7 @@ import ssl
 import stat
 import time
 from pathlib import Path
-from typing import Iterator
+
 
 import pytest
 
@@ -49,15 +49,6 @@ def server_tls() -> ssl.SSLContext:
     context.load_cert_chain(TLS / "server.pem", TLS / "server-key.pem")
     return context
 
-
-@pytest.fixture
-def loose_umask() -> Iterator[None]:
-    """A permissive umask, so that only the code's own modes can make files private."""
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def one_pipeline(world: World, name: str = "team/app") -> tuple[int, int]:
