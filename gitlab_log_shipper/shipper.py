@@ -473,8 +473,8 @@ class Shipper:
         the outbox-backed :class:`Delivery`. Sets ``result.outcome``; the state records every hand-over."""
         if self.dry_run:
             document = spool / "document.json"
-            with open(document, "wb") as out:
-                write_document(out, header, jobs)
+            with open(document, "wb") as out:  # what would be POSTed (uncompressed, for reading)
+                write_document(out, header, self._fit(header, jobs, spool, result.pipeline_id) if self.config.posts else jobs)
             result.outcome = WOULD_SHIP
             if self.preview:
                 self.preview(document, header, result)

@@ -72,7 +72,7 @@ def main() -> int:
         print("\n$ gitlab-log-shipper --env-file demo/.env run --once", flush=True)
         code = subprocess.call([*shipper, "run", "--once"], cwd=DEMO)
         print(f"(exit code {code})\n")
-        docs = [r.json() for r in receiver.accepted()]
+        docs = sorted((r.json() for r in receiver.accepted()), key=lambda d: d["pipeline_id"])
         print("$ gitlab-log-shipper --env-file demo/.env status", flush=True)
         subprocess.call([*shipper, "status"], cwd=DEMO)
         print()
