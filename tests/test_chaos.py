@@ -4,6 +4,7 @@ every pipeline finish must have reached the receiver at least once, and duplicat
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,6 +14,8 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.logs import LogSpec
@@ -46,7 +49,9 @@ class FlakyReceiver:
         return Reply()
 
 
-def test_nothing_is_lost_under_chaos(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:
+@pytest.mark.parametrize(("mode", "chaos_seconds"), [("api", CHAOS_SECONDS), ("dual", 25)])
+def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: Path, world: World,
+                                     gitlab_sim: GitLabSimulator) -> None:
     rng = random.Random(20261126)
     projects = [world.add_project(f"chaos/p{i}") for i in range(3)]
     finishes: set[tuple[int, str, str]] = set()  # (pipeline id, status, finished_at) that must arrive
@@ -60,7 +65,8 @@ def test_nothing_is_lost_under_chaos(tmp_path: Path, world: World, gitlab_sim: G
     gitlab_sim.faults.update(error_rate=0.05, error_statuses=(502,), rate_limit=150, rate_limit_window=1.0, seed=7)
     flaky = FlakyReceiver(seed=11)
     with Receiver(script=flaky) as receiver:
-        env = make_env(tmp_path, gitlab_sim, receiver, POLL_INTERVAL="1", RETRY_ATTEMPTS="1", RETRY_DELAY="0.05",
+        env = make_env(tmp_path, gitlab_sim, receiver, API_POST_SAVE_TO_FILE="true" if mode == "dual" else "false",
+                       POLL_INTERVAL="1", RETRY_ATTEMPTS="1", RETRY_DELAY="0.05",
                        OUTBOX_RETRY_MAX="2", GITLAB_TIMEOUT="5", API_POST_TIMEOUT="5")
         (tmp_path / "empty.env").touch()
         command = [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp_path / "empty.env"), "run"]
@@ -114,7 +120,7 @@ def test_nothing_is_lost_under_chaos(tmp_path: Path, world: World, gitlab_sim: G
         kills = 0
         proc = subprocess.Popen(command, env={**os.environ, **env.values}, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            chaos_end = time.monotonic() + CHAOS_SECONDS
+            chaos_end = time.monotonic() + chaos_seconds
             while time.monotonic() < chaos_end:
                 time.sleep(rng.uniform(1.0, 6.0))
                 proc.send_signal(signal.SIGKILL)
@@ -158,7 +164,7 @@ def test_nothing_is_lost_under_chaos(tmp_path: Path, world: World, gitlab_sim: G
             by_finish[(doc["pipeline_id"], doc["finished_at"])].add(request.idempotency_key)
             copies[(doc["pipeline_id"], doc["finished_at"])] += 1
         duplicates = sum(n - 1 for n in copies.values())
-        print(f"\nchaos: pipelines={pipelines_created} finishes={len(finishes)} retried_after_shipping={retried} "
+        print(f"\nchaos ({mode}): pipelines={pipelines_created} finishes={len(finishes)} retried_after_shipping={retried} "
               f"kills={kills} receiver_faults={flaky.faults} gitlab_faults={sum(gitlab_sim.faults_served.values())} "
               f"posts={len(receiver.requests)} accepted={len(accepted)} lost={len(lost)} duplicates={duplicates}")
         output = (tmp_path / "daemon-output.log").read_text("utf-8", "replace")
@@ -166,5 +172,16 @@ def test_nothing_is_lost_under_chaos(tmp_path: Path, world: World, gitlab_sim: G
         assert not lost, f"lost finishes: {sorted(lost)[:10]}\n{output[-3000:]}"
         # a finish delivered more than once always carries the same Idempotency-Key
         assert all(len(keys) == 1 for keys in by_finish.values())
+        if mode == "dual":
+            # the file output never shows half a file: every metadata.json parses, every job file it lists
+            # exists, and the only leftovers of killed writes are hidden .tmp files
+            for meta_path in env.output.glob("*/pipeline_*/metadata.json"):
+                meta = json.loads(meta_path.read_text("utf-8"))
+                for job in meta["jobs"].values():
+                    assert (meta_path.parent / job["log_file"]).is_file()
+            visible = [p for p in env.output.rglob("*") if p.is_file() and not p.name.startswith(".")]
+            assert all(p.suffix in (".json", ".log") for p in visible)
+            written = {int(p.parent.name.split("_")[1]) for p in env.output.glob("*/pipeline_*/metadata.json")}
+            assert {pid for pid, _, _ in finishes} <= written
         at = output.find("Traceback")
         assert at < 0, output[max(0, at - 1500):at + 3000]
