@@ -42,7 +42,6 @@ class Throttle:
         self.remaining: int | None = None  # GitLab's RateLimit-Remaining from the latest answer
         self.limit: int | None = None
         self.reset_at: float | None = None  # Unix time
-        self.waited = 0.0  # seconds spent waiting, for metrics and the benchmark
 
     def before_request(self) -> None:
         """Block until this request may go out."""
@@ -60,7 +59,6 @@ class Throttle:
                     # assume the window resets: later requests should not all wait for the same reset
                     self.remaining = None
         if delay > 0:
-            self.waited += delay
             self._sleep(delay)
 
     def observe(self, headers: Mapping[str, str]) -> None:

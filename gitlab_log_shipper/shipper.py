@@ -88,9 +88,6 @@ class ShipResult:
     folder: Path | None = None
     reason: str = ""
 
-    @property
-    def handed_off(self) -> bool:
-        return self.outcome in HANDED_OFF
 
 
 @dataclass

@@ -280,15 +280,6 @@ class StateStore:
         row = self.seen(project_id, pipeline_id)
         return row is not None and row.shipped_finish == finish
 
-    def deliveries(self, limit: int = 100) -> list[dict[str, object]]:
-        rows = self._query(
-            "SELECT project_id, pipeline_id, finish, idempotency_key, outcome, delivered_at FROM deliveries "
-            "ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        )
-        keys = ("project_id", "pipeline_id", "finish", "idempotency_key", "outcome", "delivered_at")
-        return [dict(zip(keys, row)) for row in rows]
-
     def prune(self, now: datetime) -> int:
         """Forget pipeline rows and delivery records older than the retention; keeps the store bounded."""
         horizon = format_ts(now - PIPELINE_ROW_RETENTION)

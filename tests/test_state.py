@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def test_cursor_and_shipped_finishes_survive_reopen(tmp_path: Path) -> None:
     assert not again.is_shipped(5, 100, "failed|2026-11-01T12:00:00.000Z")
     seen = again.seen(5, 100)
     assert seen is not None and (seen.list_status, seen.list_updated_at) == ("success", "2026-11-01T11:00:01.000Z")
-    assert again.deliveries()[0]["idempotency_key"] == "key-1"
+    with sqlite3.connect(tmp_path / "state.sqlite3") as db:
+        assert db.execute("SELECT idempotency_key, outcome FROM deliveries").fetchall() == [("key-1", "api")]
 
 
 def test_mark_handled_keeps_the_shipped_finish(tmp_path: Path) -> None:
