@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from gitlab_log_shipper.payload import (
     JobLog,
     document_size,
+    escape_utf8,
     escaped_size,
     fit_budgets,
     truncate_log,
@@ -23,6 +25,7 @@ from gitlab_log_shipper.payload import (
     stage_order,
     user_of,
     write_document,
+    _write_log_string,
 )
 
 
@@ -89,6 +92,28 @@ def test_write_document_streams_valid_json_in_design_order(tmp_path: Path) -> No
     assert doc["jobs"][1]["log_content"] == ""
     assert doc["pipeline_type"] == "main"
     assert (doc["jobs"][0]["log_bytes"], doc["jobs"][0]["log_truncated"]) == (len(content), False)
+
+
+def test_log_escaping_is_byte_for_byte_json_dumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes-level escaper against json.dumps(ensure_ascii=False): every byte value, invalid and truncated
+    UTF-8, multi-byte characters and escapes split across small chunk boundaries, U+2028 left alone."""
+    every_char = "".join(map(chr, range(0x300))) + "\u2028\u2029\U0001f600"
+    assert escape_utf8(every_char.encode()) == json.dumps(every_char, ensure_ascii=False)[1:-1].encode()
+    monkeypatch.setattr("gitlab_log_shipper.payload.CHUNK", 7)
+    rng = random.Random(5)
+    pieces = [b"\\", b'"', b"\n", b"\r\n", b"\t", b"\x1b[0;32m", b"\x00", b"\x7f", b"\xff", b"\xe2\x82", "é€😀".encode(),
+              b"plain text ", b"\x0b\x0c\x1f"]
+    for case in range(200):
+        content = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        if case % 3 == 0:
+            content = bytes(rng.randrange(256) for _ in range(rng.randint(0, 80)))
+        log = tmp_path / f"{case}.log"
+        log.write_bytes(content)
+        out = io.BytesIO()
+        _write_log_string(out, log)
+        expected = json.dumps(content.decode("utf-8", "replace"), ensure_ascii=False).encode()
+        assert out.getvalue() == expected, content
+        assert escaped_size(log) == len(expected) - 2
 
 
 def test_truncate_keeps_head_and_tail_at_line_ends(tmp_path: Path) -> None:
