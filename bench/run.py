@@ -51,18 +51,19 @@ def size_arg(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
-def build_world(pipelines: int, jobs: int, log_size: int) -> tuple[World, int, str]:
+def build_world(pipelines: int, jobs: int, log_size: int, projects: int = 1) -> tuple[World, list[int], str]:
+    """``pipelines`` finished pipelines, spread round-robin over ``projects`` projects."""
     world = World()
     user = world.add_user("bench", name="Bench User", public_email="bench@example.com")
-    project = world.add_project("bench/app", name="bench-app")
+    ids = [world.add_project(f"bench/app{k}", name=f"bench-app{k}").id for k in range(projects)]
     since = world.now() - timedelta(minutes=30)
     stages = ["build", "test", "deploy"]
     for i in range(pipelines):
-        world.add_pipeline(project.id, status="success", user=user, jobs=[
+        world.add_pipeline(ids[i % projects], status="success", user=user, jobs=[
             JobSpec(f"job-{j}", stages[j * len(stages) // jobs], "success", log=LogSpec(log_size, seed=i * 100 + j))
             for j in range(jobs)
         ])
-    return world, project.id, format_ts(since)
+    return world, ids, format_ts(since)
 
 
 def warm_up(world: World) -> None:
@@ -73,39 +74,50 @@ def warm_up(world: World) -> None:
             job.log.sha256()
 
 
-def run_process(name: str, command: list[str], env: dict[str, str], sim: GitLabSimulator, receiver: Receiver) -> Run:
+def run_process(name: str, commands: list[tuple[list[str], dict[str, str]]], sim: GitLabSimulator, receiver: Receiver) -> Run:
+    """Start the commands at once and wait for all; the time is until the last one ends. Peak RSS is the
+    sum of each process's peak (an upper bound of what they held together)."""
     sim.reset_counters()
     receiver.clear()
     own = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    procs = [subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for command, env in commands]
+    cpu = system = peak = 0.0
+    switches = code = 0
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+        proc.stderr.close() if proc.stderr else None
+        if os.waitstatus_to_exitcode(status) != 0:
+            code = os.waitstatus_to_exitcode(status)
+            print(f"{name} exited {code}:\n{stderr[-2000:]}", file=sys.stderr)
+        cpu += usage.ru_utime + usage.ru_stime
+        system += usage.ru_stime
+        switches += usage.ru_nivcsw
+        peak += usage.ru_maxrss / 1024
     seconds = time.perf_counter() - started
-    stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-    proc.stderr.close() if proc.stderr else None
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        print(f"{name} exited {code}:\n{stderr[-2000:]}", file=sys.stderr)
     after = resource.getrusage(resource.RUSAGE_SELF)
     servers = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
-    print(f"  ({name}: {usage.ru_utime + usage.ru_stime:.2f} s CPU ({usage.ru_stime:.2f} system, {usage.ru_nivcsw} involuntary switches) in {seconds:.2f} s; simulated GitLab and "
+    print(f"  ({name}: {cpu:.2f} s CPU ({system:.2f} system, {switches} involuntary switches) in {seconds:.2f} s; simulated GitLab and "
           f"receiver: {servers:.2f} s CPU)")
-    return Run(name, seconds, usage.ru_maxrss / 1024, sum(sim.counters.values()), len(receiver.accepted()), code)
+    return Run(name, seconds, peak, sum(sim.counters.values()), len(receiver.accepted()), code)
 
 
-def shipper_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project_id: int, extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def shipper_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project_ids: list[int], extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     state = Path(tempfile.mkdtemp(dir=tmp, prefix="state-"))
     (tmp / "empty.env").touch()
     env = {
-        "GITLAB_URL": sim.url, "GITLAB_TOKEN": sim.world.token, "GITLAB_PROJECTS": str(project_id),
+        "GITLAB_URL": sim.url, "GITLAB_TOKEN": sim.world.token, "GITLAB_PROJECTS": ",".join(map(str, project_ids)),
         "API_POST_ENABLED": "true", "API_POST_URL": receiver.url, "STATE_DIR": str(state),
         "LOG_DIR": str(state / "logs"), "INITIAL_LOOKBACK": "2h", "LOG_LEVEL": "WARNING", **extra,
     }
     return [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp / "empty.env"), "run", "--once"], env
 
 
-def naive_command(sim: GitLabSimulator, receiver: Receiver, project_id: int, since: str) -> list[str]:
-    return [sys.executable, str(HERE / "naive.py"), sim.url, sim.world.token, str(project_id), since, receiver.url]
+def naive_command(sim: GitLabSimulator, receiver: Receiver, project_ids: list[int], since: str) -> tuple[list[str], dict[str, str]]:
+    return [sys.executable, str(HERE / "naive.py"), sim.url, sim.world.token, ",".join(map(str, project_ids)), since,
+            receiver.url], {}
 
 
 def report(runs: list[Run], pipelines: int, log_bytes: int, minimum: float) -> None:
@@ -126,6 +138,8 @@ def main() -> int:
     parser.add_argument("--big-jobs", type=int, default=10)
     parser.add_argument("--big-size", type=size_arg, default=50 * 1024**2)
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--shards", type=int, default=1, help="run the shipper as N processes (SHARD=i/N) over N "
+                        "projects; the pipelines are spread over the projects, the baseline ships them all")
     args = parser.parse_args()
     # Byte-compile the package as pip does when it installs it: a development checkout with
     # PYTHONDONTWRITEBYTECODE set would otherwise compile every module from source at each start.
@@ -134,19 +148,20 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="gls-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        world, project_id, since = build_world(args.pipelines, args.jobs, args.log_size)
+        world, project_ids, since = build_world(args.pipelines, args.jobs, args.log_size, args.shards)
         warm_up(world)
         with GitLabSimulator(world) as sim, Receiver(store_bodies=False) as receiver:
             sim.faults.latency = args.latency
             log_bytes = args.pipelines * args.jobs * args.log_size
             print(f"throughput: {args.pipelines} pipelines x {args.jobs} jobs x {args.log_size} B logs "
                   f"({log_bytes / 1e6:.0f} MB), {args.latency * 1000:.0f} ms per GitLab request")
-            command, env = shipper_command(tmp, sim, receiver, project_id, extra)
-            shipper = run_process("shipper", command, env, sim, receiver)
-            naive = run_process("naive", naive_command(sim, receiver, project_id, since), {}, sim, receiver)
+            shards = [shipper_command(tmp, sim, receiver, project_ids, {**extra, "SHARD": f"{i}/{args.shards}"})
+                      for i in range(args.shards)]
+            shipper = run_process("shipper" if args.shards == 1 else f"shipper×{args.shards}", shards, sim, receiver)
+            naive = run_process("naive", [naive_command(sim, receiver, project_ids, since)], sim, receiver)
             # per pipeline: its detail, its jobs pages, one trace per job; per project and cycle: the list
             # pages, twice (GitLab lists child pipelines only when asked with source=parent_pipeline)
-            list_pages = 2 * max(1, math.ceil(args.pipelines / 100))
+            list_pages = 2 * args.shards * max(1, math.ceil(args.pipelines / args.shards / 100))
             minimum = 1 + math.ceil(args.jobs / 100) + args.jobs + list_pages / args.pipelines
             report([shipper, naive], args.pipelines, log_bytes, minimum)
             print(f"ratio: shipper is {naive.seconds / shipper.seconds:.1f}x the baseline's throughput")
@@ -165,9 +180,8 @@ def main() -> int:
         with GitLabSimulator(big) as sim, Receiver(store_bodies=False) as receiver:
             print(f"\nmemory: one pipeline of {args.big_jobs} x {args.big_size / 1024**2:.0f} MiB logs "
                   f"({total / 1024**2:.0f} MiB), no latency")
-            command, env = shipper_command(tmp, sim, receiver, project.id, extra)
-            shipper = run_process("shipper", command, env, sim, receiver)
-            naive = run_process("naive", naive_command(sim, receiver, project.id, since), {}, sim, receiver)
+            shipper = run_process("shipper", [shipper_command(tmp, sim, receiver, [project.id], extra)], sim, receiver)
+            naive = run_process("naive", [naive_command(sim, receiver, [project.id], since)], sim, receiver)
             report([shipper, naive], 1, total, 1 + 1 + args.big_jobs + 2)
             print(f"ratio: shipper peak RSS is {shipper.peak_rss_mb / naive.peak_rss_mb:.2f}x the baseline's "
                   f"({shipper.peak_rss_mb:.0f} MB vs {naive.peak_rss_mb:.0f} MB)")

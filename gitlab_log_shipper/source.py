@@ -375,13 +375,14 @@ class GitLabSource:
         return self._call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
 
     def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO) -> int:
-        """Stream a job's raw log into ``out``; returns its size. A stream broken midway is fetched again
-        from the start (GitLab has no Range support for traces), up to :data:`TRACE_ATTEMPTS` times."""
+        """Stream a job's raw log into ``out`` (an empty file); returns its size. A stream broken midway is
+        fetched again from the start (GitLab has no Range support for traces), up to :data:`TRACE_ATTEMPTS` times."""
         what = f"log of job {job_id} (project {project_id})"
         last: Exception | None = None
         for attempt in range(1, TRACE_ATTEMPTS + 1):
-            out.seek(0)
-            out.truncate()
+            if attempt > 1:  # not on the first: on ext4 a truncate makes close() start writing the file to disk
+                out.seek(0)  # (auto_da_alloc), and a spool file written to disk costs ~1.5 ms more to delete
+                out.truncate()
             size = 0
             try:
                 response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)

@@ -105,9 +105,15 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
                         world.finish_pipeline(pipeline_id, rng.choice(["success", "failed"]))
                         record(pipeline_id)
                     else:
-                        # retry a pipeline whose first finish has already arrived; it finishes again later
-                        delivered = {r.json()["pipeline_id"] for r in receiver.accepted()}
-                        candidates = [pid for pid in delivered if world.pipelines[pid].status in ("failed", "canceled")]
+                        # retry a pipeline whose current finish has already arrived; it finishes again later.
+                        # (Not merely "an earlier finish arrived": a finish retried away before any poll could
+                        # see it never existed for a poller, and would be counted as lost.)
+                        delivered = {(d["pipeline_id"], d["status"], d["finished_at"])
+                                     for d in (r.json() for r in receiver.accepted())}
+                        candidates = sorted({pid for pid, status, finished_at in delivered
+                                             if (status, finished_at) == (world.pipelines[pid].status,
+                                                                          format_ts(world.pipelines[pid].finished_at))
+                                             and status in ("failed", "canceled")})
                         if candidates:
                             pipeline_id = rng.choice(candidates)
                             world.retry_pipeline(pipeline_id)
