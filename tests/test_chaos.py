@@ -76,7 +76,20 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
         pipelines_created = 0
         retried = 0
 
+        mutator_errors: list[BaseException] = []
+
+        def current_finish(pipeline_id: int) -> tuple[str, str] | None:
+            p = world.pipelines[pipeline_id]
+            return (p.status, format_ts(p.finished_at)) if p.finished_at is not None else None
+
         def mutate() -> None:
+            try:
+                mutations()
+            except BaseException as exc:  # a dead mutator would quietly turn the chaos off: fail the test instead
+                mutator_errors.append(exc)
+                raise
+
+        def mutations() -> None:
             nonlocal pipelines_created, retried
             while not stop_mutations.is_set():
                 project = rng.choice(projects)
@@ -111,9 +124,7 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
                         delivered = {(d["pipeline_id"], d["status"], d["finished_at"])
                                      for d in (r.json() for r in receiver.accepted())}
                         candidates = sorted({pid for pid, status, finished_at in delivered
-                                             if (status, finished_at) == (world.pipelines[pid].status,
-                                                                          format_ts(world.pipelines[pid].finished_at))
-                                             and status in ("failed", "canceled")})
+                                             if status in ("failed", "canceled") and current_finish(pid) == (status, finished_at)})
                         if candidates:
                             pipeline_id = rng.choice(candidates)
                             world.retry_pipeline(pipeline_id)
@@ -136,6 +147,7 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
                                         stderr=subprocess.STDOUT)
             stop_mutations.set()
             mutator.join()
+            assert not mutator_errors, f"the mutator died: {mutator_errors[0]!r}"
             with world.lock:
                 for pipeline_id in running:  # let everything finish so every pipeline has a final finish
                     world.finish_pipeline(pipeline_id, "success")
