@@ -2,13 +2,17 @@
 
     python bench/run.py                       # defaults: 60 pipelines x 8 jobs x 50 KB logs, 20 ms latency
     python bench/run.py --pipelines 80 --jobs 8 --log-size 100000 --latency 0.02 --big-jobs 10 --big-size 50M
+    python bench/run.py --skip-big --shards 2 --concurrency 12   # two shipper processes, SHARD=0/2 and 1/2
 
 Both contestants run as separate processes against the same simulated GitLab (every request delayed by
 ``--latency`` seconds, as a WAN would) and the same receiver (which only counts and hashes bodies). For
 each it prints wall time, pipelines/s, MB/s of logs, GitLab requests per pipeline and peak RSS
 (``ru_maxrss`` of the process, from wait4), then the ratios. A second round ships ONE pipeline of
 ``--big-jobs`` x ``--big-size`` logs (500 MB by default) and compares peak memory.
-This is a measurement, not a test: nothing here passes or fails.
+With ``--shards N`` the pipelines are spread over N projects and the shipper runs as N processes at once
+(``SHARD=i/N``, a state folder each), as OPERATIONS.md describes scaling out; the time is until the last
+one ends. The package is byte-compiled first, as pip does on installation. ``bench/cpu_profile.py`` shows
+where the shipper's CPU goes. This is a measurement, not a test: nothing here passes or fails.
 """
 
 from __future__ import annotations
