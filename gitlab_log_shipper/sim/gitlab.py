@@ -20,6 +20,7 @@ no memory. Client disconnects are normal here and are never printed.
 from __future__ import annotations
 
 import collections
+import email.utils
 import hashlib
 import json
 import logging
@@ -813,6 +814,13 @@ class _Handler(LoopbackHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header from the world's clock, so tests that step time see GitLab's "now" move with it
+        (a poller caps its cursor at this header: it is the only clock of GitLab's a client can read)."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        return email.utils.format_datetime(self.server.owner.world.now(), usegmt=True)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
         logger.debug("%s - %s", self.address_string(), format % args)
