@@ -25,7 +25,7 @@ from .config import Config
 from .errors import GitLabSourceError, ShipperError
 from .poster import ApiPoster
 from .requestlog import ManagedRequestLog
-from .source import GitLabSource
+from .source import DiscoveryProblem, GitLabSource
 from .state import StateStore
 from .timeutil import format_ts
 
@@ -173,10 +173,14 @@ def _projects(config: Config, source: GitLabSource) -> Iterator[Check]:
     if not config.gitlab_projects and not config.gitlab_groups:
         scopes.append(("memberships", (), ()))
     for what, projects, groups in scopes:
+        problems: list[DiscoveryProblem] = []
         try:
-            found = source.discover_projects(projects, groups)
+            found = source.discover_projects(projects, groups, problems)
         except GitLabSourceError as exc:
             yield Check(what, False, _reason(exc, what))
+            continue
+        if problems:  # the group is gone or invisible: `run` reports it every cycle and polls the rest
+            yield Check(what, False, _reason(GitLabSourceError(problems[0].reason), what))
             continue
         kept = [p for p in found if allowed(p.id)]
         suffix = f", {len(kept)} after LOG_SAVE_PROJECTS/LOG_EXCLUDE_PROJECTS" if len(kept) != len(found) else ""

@@ -62,6 +62,15 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
            [("", _timestamp(cycle.get("finished_at")))])
     metric("last_cycle_project_errors", "gauge", "Projects the last cycle could not poll.",
            [("", cycle.get("project_errors"))])
+    metric("last_cycle_missing_projects", "gauge",
+           "Configured projects or groups that GitLab reported deleted or invisible in the last cycle.",
+           [("", len(cycle.get("missing_projects") or []) if cycle else None)])
+    retrying = snapshot.get("retrying") or {}
+    metric("pipelines_retrying", "gauge", "Pipelines that failed to ship and wait for another attempt.",
+           [("", retrying.get("pipelines"))])
+    metric("pipelines_retrying_oldest_age_seconds", "gauge",
+           "How long the oldest pipeline waiting for another attempt has been failing (0 when none).",
+           [("", retrying.get("oldest_age_seconds") or 0.0)])
     metric("last_success_timestamp_seconds", "gauge",
            "When a cycle last ended with everything it found delivered (Unix time).",
            [("", _timestamp(snapshot["last_success_at"]))])

@@ -8,6 +8,7 @@ as UTF-8 (invalid bytes replaced by U+FFFD) and JSON-escaped chunk by chunk.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import re
 import uuid
@@ -46,6 +47,32 @@ def pipeline_type(source: str | None) -> str:
 def finish_key(status: str, finished_at: str | None) -> str:
     """Identifies one finish of a pipeline. A retried pipeline that finishes again gets a new key."""
     return f"{status}|{finished_at or ''}"
+
+
+def finish_of(pipeline: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]] | None) -> str | None:
+    """The finish a pipeline's current state is: ``status|finished_at``.
+
+    GitLab stamps ``finished_at`` only on the way to success, failed or canceled; a pipeline that rests as
+    ``skipped`` or ``manual`` (blocked on a manual job) has none. A manual pipeline can come to rest again and again
+    (play one manual job, it runs, the pipeline blocks on the next one) with the same status and no finished_at, so
+    such a finish is told apart by its jobs: every attempt's id and status, hashed (``manual|jobs:<digest>``). The
+    digest does not move when only ``updated_at`` does, and moves when any job ran, was played or retried since.
+    Returns None when the jobs are needed but not given."""
+    status = str(pipeline.get("status"))
+    finished_at = pipeline.get("finished_at")
+    if finished_at:
+        return finish_key(status, finished_at)
+    if jobs is None:
+        return None
+    digest = hashlib.sha256(",".join(f"{job['id']}:{job.get('status')}"
+                                     for job in sorted(jobs, key=lambda j: j["id"])).encode()).hexdigest()[:20]
+    return f"{status}|jobs:{digest}"
+
+
+def rest_time(pipeline: Mapping[str, Any]) -> str | None:
+    """When the pipeline came to rest: ``finished_at``, else (skipped and manual pipelines, which GitLab leaves
+    without one) ``updated_at``. This is the time ``backfill --since/--until`` windows are matched against."""
+    return pipeline.get("finished_at") or pipeline.get("updated_at")
 
 
 def idempotency_key(gitlab_url: str, project_id: int, pipeline_id: int, finish: str) -> str:
@@ -136,13 +163,15 @@ class JobLog:
 
     ``log_bytes`` is the size of the log GitLab holds; ``truncated`` says the spool file keeps only its head
     and tail (MAX_JOB_LOG_BYTES or API_POST_MAX_BYTES). Both go into the document as ``log_bytes`` and
-    ``log_truncated`` (documented in ``docs/payload.schema.json``).
+    ``log_truncated``; ``error`` as ``log_error``, present only when the log could not be read (all documented in
+    ``docs/payload.schema.json``).
     """
 
     fields: Mapping[str, Any]
     log_path: Path | None
     log_bytes: int = 0
     truncated: bool = False
+    error: str | None = None  # the log could not be read (GitLab answered 404/403 for it): ``log_error``
 
 
 def _dump(value: Any) -> bytes:
@@ -188,7 +217,10 @@ def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobL
         _write_log_string(out, job.log_path)
         for key, value in fields.items():
             out.write(b", " + _dump(key) + b": " + _dump(value))
-        out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated) + b"}")
+        out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated))
+        if job.error is not None:
+            out.write(b', "log_error": ' + _dump(job.error))
+        out.write(b"}")
     out.write(b"]}")
 
 

@@ -1,14 +1,19 @@
 """The shipping logic: which pipelines to ship, building their document, handing it to API and/or files.
 
 Knows neither HTTP details (``poster``) nor python-gitlab (``source``); decides on time only through the
-injected ``clock``. One poll of a project:
+injected ``clock`` and GitLab's own clock (the ``Date`` of its answers). One poll of a project:
 
-1. list pipelines updated since (cursor − ``POLL_OVERLAP``), ordered by id so paging never skips;
-2. skip rows seen before with the same status and ``updated_at`` (no request), unfinished rows (they
-   come back with a newer ``updated_at`` when they finish) and rows the status filter drops;
-3. fetch the pipeline; a finish (``status|finished_at``) shipped before is not shipped again;
-4. ship: jobs → filter by status → stream traces to a spool → one document → POST and/or files;
-5. move the cursor to the newest ``updated_at`` seen, but never past a pipeline that was not delivered.
+1. list pipelines updated since (cursor − ``POLL_OVERLAP``), keyset-paged so that deletions never make a row
+   be skipped (see :meth:`GitLabSource.list_pipelines`);
+2. skip rows seen before with the same status and ``updated_at`` (no request), unfinished rows (they come back
+   with a newer ``updated_at`` when they finish), rows the status filter drops and rows waiting for a retry;
+3. fetch the pipeline; a finish shipped before is not shipped again (:func:`payload.finish_of`: skipped and
+   manual pipelines have no ``finished_at``, their finish is told by their jobs);
+4. ship: jobs (checked to belong to the same state of the pipeline) → filter by status → stream traces to a
+   spool → one document → POST and/or files;
+5. anything that could not be shipped goes to the durable retry list (tried again by id, on its own backoff),
+   so it never holds the cursor; the cursor moves to GitLab's "now" of this listing (never to a row's
+   ``updated_at``, which another node's clock may have stamped in the future). An idle project's cursor moves too.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from .payload import (
     document_header,
     document_size,
     escaped_size,
+    finish_of,
     fit_budgets,
     truncate_log,
-    finish_key,
     idempotency_key,
+    rest_time,
     job_fields,
     keep_job,
     latest_attempts,
@@ -50,9 +56,9 @@ from .dryrun import ReadOnlyStateStore
 from .poster import ApiPoster
 from .redact import Redactor
 from .requestlog import ManagedRequestLog
-from .source import GitLabSource, ProjectRef
-from .state import StateStore
-from .timeutil import parse_ts, utcnow
+from .source import DiscoveryProblem, GitLabSource, ProjectRef
+from .state import RetryEntry, StateStore
+from .timeutil import format_ts, parse_ts, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +73,19 @@ GONE = "gone"  # deleted in GitLab between listing and fetching
 QUEUED_OUTCOME = "queued"  # the receiver did not take it yet: kept in the outbox, retried on later cycles
 DEAD_LETTERED = "dead_lettered"  # the receiver rejected it for good: kept in the dead-letter folder
 WOULD_SHIP = "would_ship"  # --dry-run: the document was built and shown; nothing sent, written or recorded
+CHANGED = "changed"  # the pipeline changed while it was read (retried, a manual job played): read again next cycle
+RETRY_WAITING = "retry_waiting"  # failed before; its next attempt is not due yet
 # Counted when the outbox is drained at the start of a cycle.
 OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING = "outbox_delivered", "outbox_dead_lettered", "outbox_waiting"
 OUTBOX_COUNTS = (OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING)
-HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere: the cursor may pass
+HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere
+TRY_AGAIN = frozenset({FAILED, CHANGED})  # kept in the retry list (state.retries) until shipped or gone
+# A pipeline that keeps failing is tried again next cycle, then after POLL_INTERVAL, twice as long each time, at most this.
+PIPELINE_RETRY_MAX = 3600.0
+# Latest job attempts in one of these mean the pipeline is not at rest any more, whatever its own status said.
+# ("created" is not among them: the jobs behind a blocking manual job stay created while the pipeline is manual.)
+_ACTIVE_JOB_STATUSES = frozenset({"waiting_for_resource", "preparing", "pending", "running", "canceling",
+                                  "waiting_for_callback"})
 
 
 @dataclass
@@ -96,6 +111,7 @@ class CycleReport:
 
     counts: Counter = field(default_factory=Counter)
     project_errors: list[str] = field(default_factory=list)
+    missing_projects: list[str] = field(default_factory=list)  # configured but deleted, renamed or not visible
     results: list[ShipResult] = field(default_factory=list)
     gitlab_unreachable: bool = False  # no project could be polled at all (GitLab down, token rejected)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -103,13 +119,14 @@ class CycleReport:
     @property
     def complete(self) -> bool:
         """Everything found was delivered (or written) and nothing waits in the outbox."""
-        return not (self.project_errors or self.counts[FAILED] or self.counts[QUEUED_OUTCOME]
+        return not (self.project_errors or self.missing_projects or self.counts[FAILED] or self.counts[CHANGED]
+                    or self.counts[RETRY_WAITING] or self.counts[QUEUED_OUTCOME]
                     or self.counts[DEAD_LETTERED] or self.counts[OUTBOX_WAITING] or self.counts[OUTBOX_DEAD])
 
     def add(self, result: ShipResult) -> None:
         with self._lock:
             self.counts[result.outcome] += 1
-            if result.outcome in (*HANDED_OFF, FAILED, GONE, WOULD_SHIP):
+            if result.outcome in (*HANDED_OFF, *TRY_AGAIN, GONE, WOULD_SHIP):
                 self.results.append(result)
 
     def error(self, message: str) -> None:
@@ -117,11 +134,14 @@ class CycleReport:
             self.project_errors.append(message)
 
     def summary(self) -> str:
-        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, WOULD_SHIP, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, FILTERED,
-                                                    DUPLICATE, UNCHANGED, UNFINISHED, GONE, *OUTBOX_COUNTS)
+        parts = [f"{k}={self.counts[k]}" for k in (SHIPPED, WOULD_SHIP, QUEUED_OUTCOME, DEAD_LETTERED, FAILED, CHANGED,
+                                                    RETRY_WAITING, FILTERED, DUPLICATE, UNCHANGED, UNFINISHED, GONE,
+                                                    *OUTBOX_COUNTS)
                  if self.counts[k]]
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
+        if self.missing_projects:
+            parts.append(f"missing_projects={len(self.missing_projects)}")
         return " ".join(parts) or "nothing to do"
 
 
@@ -177,6 +197,7 @@ class Shipper:
             _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
+        self.missing_projects: list[DiscoveryProblem] = []  # of the latest discovery
         # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
         # are polled, their pipelines shipped and each pipeline's logs fetched CONCURRENCY at a time.
         workers = config.concurrency
@@ -212,13 +233,15 @@ class Shipper:
         now = self.clock()
         stale = self._discovered_at is None or now - self._discovered_at >= timedelta(seconds=self.config.discovery_interval)
         if self._projects is None or stale or refresh:
+            problems: list[DiscoveryProblem] = []
             try:
-                found = self.source.discover_projects(self.config.gitlab_projects, self.config.gitlab_groups)
-            except GitLabSourceError:
+                found = self.source.discover_projects(self.config.gitlab_projects, self.config.gitlab_groups, problems)
+            except GitLabSourceError as exc:
                 if self._projects is None:
                     raise
-                log.warning("project discovery failed; keeping the %d known projects", len(self._projects), exc_info=False)
+                log.warning("project discovery failed (%s); keeping the %d known projects", exc, len(self._projects))
                 return self._projects
+            self.missing_projects = problems
             allowed = [p for p in found if self.project_allowed(p.id)]
             dropped = len(found) - len(allowed)
             log.info("polling %d project(s)%s", len(allowed), f" ({dropped} excluded by project filters)" if dropped else "")
@@ -255,6 +278,11 @@ class Shipper:
             report.project_errors.append(str(exc))
             report.gitlab_unreachable = True
             return report
+        for problem in self.missing_projects:
+            # Every cycle, so that it shows in the log, in `status` and in the metrics until someone acts.
+            log.error("%s is configured but cannot be read: %s; the other projects are polled as usual",
+                      problem.ref, _without_prefix(problem.reason, problem.ref))
+            report.missing_projects.append(f"{problem.ref}: {_without_prefix(problem.reason, problem.ref)}")
 
         def poll(project: ProjectRef) -> bool:
             if self.stop.is_set():
@@ -263,8 +291,8 @@ class Shipper:
                 self.poll_project(project, report)
                 return True
             except GitLabSourceError as exc:
-                log.error("project %s: %s; will retry next cycle", project.id, exc)
-                report.error(f"{project.id}: {exc}")
+                log.error("project %s: %s; will retry next cycle", project.id, _without_prefix(str(exc), project.id))
+                report.error(f"{project.id}: {_without_prefix(str(exc), project.id)}")
                 return False
 
         polled = sum(self._project_pool.map(poll, projects))
@@ -276,60 +304,127 @@ class Shipper:
         return report
 
     def poll_project(self, project: ProjectRef, report: CycleReport) -> None:
-        now = self.clock()
+        started = self.clock()
         cursor = self.state.get_cursor(project.id)
         if cursor is None:
-            cursor = now - timedelta(seconds=self.config.initial_lookback)
-            log.info("project %s: first poll, looking back to %s", project.id, cursor.isoformat())
+            # Stored at once, before the first listing: a project whose first polls fail (or that stays idle) keeps
+            # this window start instead of recomputing "now - INITIAL_LOOKBACK" on every run (which, after a
+            # downtime longer than the look-back, would skip what finished meanwhile).
+            cursor = started - timedelta(seconds=self.config.initial_lookback)
+            log.info("project %s: first poll, looking back to %s", project.id, format_ts(cursor))
+            self.state.set_cursor(project.id, cursor)
         since = cursor - timedelta(seconds=self.config.poll_overlap)
-        newest = cursor
-        blocked: datetime | None = None
-        rows: dict[int, Mapping[str, Any]] = {}
-        for row in self.source.iter_pipelines(project.id, since, children=self.config.poll_child_pipelines):
-            rows.setdefault(int(row["id"]), row)  # offset paging over a growing set can repeat a row
-        results = list(self._pipeline_pool.map(lambda row: self._handle_row(project, row), rows.values()))
+        listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
+        for pipeline_id, updated_at, date in listing.future:
+            log.warning("project %s: pipeline %s has updated_at %s, ahead of GitLab's clock (Date %s): GitLab's "
+                        "nodes disagree on the time; the cursor stays at GitLab's now", project.id, pipeline_id,
+                        updated_at, date)
+        waiting = {entry.pipeline_id: entry for entry in self.state.retries(project.id)}
+        tasks: list[Callable[[], ShipResult]] = [
+            (lambda row=row: self._handle_row(project, row, waiting.get(int(row["id"])))) for row in listing.rows.values()]
+        # Pipelines that failed before and are not in this listing any more (their rows left the window): by id.
+        now = self.clock()
+        tasks += [(lambda entry=entry: self._retry(project, entry)) for entry in waiting.values()
+                  if entry.pipeline_id not in listing.rows and parse_ts(entry.next_attempt_at) <= now]
+        results = list(self._pipeline_pool.map(lambda task: task(), tasks))
         if self.stop.is_set():
             return  # cursor untouched: what was cut short is polled again after the restart
-        for row, result in zip(rows.values(), results):
-            updated_at = parse_ts(row["updated_at"])
+        for result in results:
             report.add(result)
-            if result.outcome == FAILED:
-                blocked = updated_at if blocked is None else min(blocked, updated_at)
-            newest = max(newest, updated_at)
-        new_cursor = newest if blocked is None else min(newest, blocked)
+        # The next window starts POLL_OVERLAP before GitLab's "now" of this listing (the Date of its first answer,
+        # whole seconds, so never ahead of GitLab), and never after our own clock at the start of the poll: of two
+        # clocks that disagree, the earlier one is the safe one. Rows' updated_at are not used: a node whose clock
+        # runs ahead could push the cursor into the future, past pipelines that finish meanwhile.
+        new_cursor = started if listing.gitlab_now is None else min(listing.gitlab_now, started)
+        if listing.gitlab_now is not None and abs((listing.gitlab_now - started).total_seconds()) > self.config.poll_overlap:
+            log.warning("project %s: GitLab's clock (%s) and this machine's (%s) differ by more than POLL_OVERLAP; "
+                        "check NTP on both", project.id, format_ts(listing.gitlab_now), format_ts(started))
         if new_cursor != cursor:
             self.state.set_cursor(project.id, new_cursor)
 
-    def _handle_row(self, project: ProjectRef, row: Mapping[str, Any]) -> ShipResult:
+    def _handle_row(self, project: ProjectRef, row: Mapping[str, Any], waiting: RetryEntry | None = None) -> ShipResult:
         pipeline_id = int(row["id"])
         status = str(row.get("status"))
         updated_at = str(row["updated_at"])
         base = ShipResult(UNCHANGED, project.id, pipeline_id)
         if status not in FINISHED_STATUSES:
+            if waiting is not None:  # reopened: the finish that failed is superseded; its next one is listed anew
+                self.state.clear_retry(project.id, pipeline_id)
             base.outcome = UNFINISHED
             return base
         seen = self.state.seen(project.id, pipeline_id)
-        if seen and seen.list_status == status and seen.list_updated_at == updated_at:
+        if waiting is None and seen and seen.list_status == status and seen.list_updated_at == updated_at:
             return base
-        if not self.status_allowed(status):
-            base.outcome = FILTERED
-            base.reason = f"status {status} not in LOG_SAVE_PIPELINE_STATUS"
-            self._write_filtered_metadata(project, pipeline_id)
-            self.state.mark_handled(project.id, pipeline_id, status, updated_at, self.clock())
+        if (waiting is not None and waiting.list_row == (status, updated_at)
+                and parse_ts(waiting.next_attempt_at) > self.clock()):
+            base.outcome = RETRY_WAITING  # the same row failed before; a row that moved is a new state: tried now
+            base.reason = waiting.reason
             return base
+        return self._ship_listed(project, pipeline_id, (status, updated_at), seen.shipped_finish if seen else None)
+
+    def _retry(self, project: ProjectRef, entry: RetryEntry) -> ShipResult:
+        """A pipeline that failed before and is no longer in the listing window: read it by id."""
+        seen = self.state.seen(project.id, entry.pipeline_id)
+        return self._ship_listed(project, entry.pipeline_id, entry.list_row, seen.shipped_finish if seen else None)
+
+    def _ship_listed(self, project: ProjectRef, pipeline_id: int, list_row: tuple[str, str] | None,
+                     shipped_finish: str | None) -> ShipResult:
+        """Filters, the pipeline GET, de-duplication, then :meth:`ship`; failures are kept for another attempt."""
+        base = ShipResult(UNCHANGED, project.id, pipeline_id)
+        status = list_row[0] if list_row else None
+        if status is not None and not self.status_allowed(status):
+            return self._filtered(project, pipeline_id, status, list_row)
         try:
             detail = self.source.get_pipeline(project.id, pipeline_id)
         except GitLabSourceError as exc:
-            return self._source_failure(project, pipeline_id, exc, list_row=(status, updated_at))
-        if detail.get("status") not in FINISHED_STATUSES:
-            base.outcome = UNFINISHED  # reopened since it was listed: a newer updated_at will bring it back
+            return self._keep_for_retry(self._source_failure(project, pipeline_id, exc, list_row), list_row)
+        current = str(detail.get("status"))
+        if current not in FINISHED_STATUSES:
+            # Reopened since it was listed (a retry, a manual job played): its next finish gives it a newer
+            # updated_at, which the listing brings back. Nothing to keep.
+            self.state.clear_retry(project.id, pipeline_id)
+            base.outcome = UNFINISHED
             return base
-        finish = finish_key(str(detail["status"]), detail.get("finished_at"))
-        if seen and seen.shipped_finish == finish:
-            self.state.mark_handled(project.id, pipeline_id, status, updated_at, self.clock())
+        row = (current, str(detail["updated_at"])) if detail.get("updated_at") else list_row
+        if not self.status_allowed(current):
+            return self._filtered(project, pipeline_id, current, row)
+        finish = finish_of(detail, None)
+        if finish is not None and shipped_finish == finish:
+            if row:
+                self.state.mark_handled(project.id, pipeline_id, row[0], row[1], self.clock())
+            else:
+                self.state.clear_retry(project.id, pipeline_id)
             base.outcome = DUPLICATE
             return base
-        return self.ship(project, detail, list_row=(status, updated_at))
+        return self._keep_for_retry(self.ship(project, detail, list_row=row, shipped_finish=shipped_finish), row)
+
+    def _filtered(self, project: ProjectRef, pipeline_id: int, status: str, list_row: tuple[str, str] | None) -> ShipResult:
+        result = ShipResult(FILTERED, project.id, pipeline_id, reason=f"status {status} not in LOG_SAVE_PIPELINE_STATUS")
+        self._write_filtered_metadata(project, pipeline_id)
+        if list_row:
+            self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
+        else:
+            self.state.clear_retry(project.id, pipeline_id)
+        return result
+
+    def _keep_for_retry(self, result: ShipResult, list_row: tuple[str, str] | None) -> ShipResult:
+        """A pipeline that failed (or changed while it was read) goes to the durable retry list: tried again by id on
+        its own backoff (next cycle, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by `status`, never holding the
+        project's cursor, so the listing window stays small however long it keeps failing."""
+        if result.outcome not in TRY_AGAIN or self.dry_run:
+            return result
+        now = self.clock()
+        counted = result.outcome == FAILED  # a pipeline that changed under us is read again next cycle, no backoff
+        before = self.state.retry_entry(result.project_id, result.pipeline_id)
+        attempts = (before.attempts if before else 0) + int(counted)
+        # The first retry is due at the next cycle, then after 1, 2, 4, … poll intervals.
+        delay = min(PIPELINE_RETRY_MAX, self.config.poll_interval * 2 ** (attempts - 2)) if counted and attempts > 1 else 0.0
+        entry = self.state.record_failure(result.project_id, result.pipeline_id, list_row, result.reason, now,
+                                          now + timedelta(seconds=delay), count=counted)
+        if entry.attempts >= 3 and counted:
+            log.warning("pipeline %s (project %s) failed %d times since %s (%s); next attempt in %.0f s",
+                        result.pipeline_id, result.project_id, entry.attempts, entry.first_failed_at, result.reason, delay)
+        return result
 
     def status_allowed(self, status: str) -> bool:
         allowed = self.config.save_pipeline_status
@@ -342,6 +437,8 @@ class Shipper:
                         pipeline_id, project.id, exc)
             if list_row:
                 self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
+            else:
+                self.state.clear_retry(project.id, pipeline_id)
             return ShipResult(GONE, project.id, pipeline_id, reason=str(exc))
         log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
         return ShipResult(FAILED, project.id, pipeline_id, reason=str(exc))
@@ -361,25 +458,43 @@ class Shipper:
 
     # -- shipping one pipeline ------------------------------------------------------------------
 
-    def ship(self, project: ProjectRef, detail: Mapping[str, Any], *, list_row: tuple[str, str] | None = None) -> ShipResult:
+    def ship(self, project: ProjectRef, detail: Mapping[str, Any], *, list_row: tuple[str, str] | None = None,
+             shipped_finish: str | None = None) -> ShipResult:
         """Build the pipeline's document and hand it over as the mode says; record what became of it.
 
+        ``shipped_finish``: the finish shipped before, if any; a pipeline whose finish can only be told from its jobs
+        (skipped, manual) is de-duplicated against it once the jobs are read (None ships whatever was shipped).
+
         Never raises for GitLab, receiver or file-system failures: GitLab and file failures come back as
-        FAILED (the cursor waits, the pipeline is tried again next cycle) or GONE (deleted in GitLab); a
-        receiver that does not take the document leaves it QUEUED in the outbox or as a DEAD_LETTER.
+        FAILED (kept in the retry list) or GONE (deleted in GitLab), a pipeline that changed while it was read as
+        CHANGED; a receiver that does not take the document leaves it QUEUED in the outbox or as a DEAD_LETTER.
         """
         pipeline_id = int(detail["id"])
-        finish = finish_key(str(detail["status"]), detail.get("finished_at"))
-        key = idempotency_key(self.config.gitlab_url, project.id, pipeline_id, finish)
-        result = ShipResult(FAILED, project.id, pipeline_id, finish=finish, idempotency_key=key)
+        result = ShipResult(FAILED, project.id, pipeline_id)
         self.spool_root.mkdir(parents=True, exist_ok=True)
         spool = Path(tempfile.mkdtemp(prefix=f"pipeline-{pipeline_id}-", dir=self.spool_root))
         try:
-            header, jobs = self._collect(project, detail, spool, result)
+            all_jobs = self.source.list_jobs(project.id, pipeline_id)
+            finish = finish_of(detail, all_jobs)
+            assert finish is not None
+            result.finish = finish
+            result.idempotency_key = idempotency_key(self.config.gitlab_url, project.id, pipeline_id, finish)
+            if shipped_finish is not None and shipped_finish == finish:
+                if list_row:
+                    self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
+                result.outcome = DUPLICATE
+                return result
+            problem = _inconsistency(detail, all_jobs)
+            if problem:
+                log.info("pipeline %s (project %s): %s; reading it again next cycle", pipeline_id, project.id, problem)
+                result.outcome = CHANGED
+                result.reason = problem
+                return result
+            header, jobs = self._collect(project, detail, all_jobs, spool, result)
             self._deliver(header, jobs, spool, result, list_row)
         except GitLabSourceError as exc:
             failure = self._source_failure(project, pipeline_id, exc, list_row)
-            failure.finish, failure.idempotency_key = finish, key
+            failure.finish, failure.idempotency_key = result.finish, result.idempotency_key
             return failure
         except (DeliveryError, OSError) as exc:
             result.outcome = FAILED
@@ -394,15 +509,22 @@ class Shipper:
                      f", HTTP {result.http_status}" if result.http_status else "")
         return result
 
-    def _collect(self, project: ProjectRef, detail: Mapping[str, Any], spool: Path, result: ShipResult) -> tuple[dict[str, Any], list[JobLog]]:
+    def _collect(self, project: ProjectRef, detail: Mapping[str, Any], all_jobs: list[dict[str, Any]], spool: Path,
+                 result: ShipResult) -> tuple[dict[str, Any], list[JobLog]]:
         """Jobs (latest attempts, filtered before any log is fetched), traces to the spool, the header."""
         pipeline_id = int(detail["id"])
-        all_jobs = self.source.list_jobs(project.id, pipeline_id)
         latest = latest_attempts(all_jobs)
         kept = [job for job in latest if keep_job(job, self.config.save_job_status)]
         if len(kept) < len(latest):
             log.debug("pipeline %s: %d of %d job(s) left out by LOG_SAVE_JOB_STATUS", pipeline_id, len(latest) - len(kept), len(latest))
-        jobs = list(self._trace_pool.map(lambda job: self._fetch_log(project, pipeline_id, job, spool), kept))
+        jobs = list(self._trace_pool.map(lambda job: self._fetch_log_or_note(project, pipeline_id, job, spool), kept))
+        unreadable = [job for job in jobs if job.error is not None]
+        if unreadable:
+            # A log that GitLab does not serve (its job or the log was deleted, no access) is not the pipeline
+            # being gone: only GitLab saying so about the pipeline itself is (this GET raises gone if it is).
+            self.source.get_pipeline(project.id, pipeline_id)
+            log.warning("pipeline %s (project %s): %d job log(s) could not be read (%s); shipped with log_error set",
+                        pipeline_id, project.id, len(unreadable), unreadable[0].error)
         result.log_bytes = sum(job.log_bytes for job in jobs)
         result.jobs = len(jobs)
         commit_email = None
@@ -410,7 +532,27 @@ class Shipper:
         if user and not user.get("public_email"):
             commit_email = self.source.commit_author_email(project.id, detail.get("sha"))
         header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs))
+        warnings = [f"job {job.fields['job_id']} ({job.fields.get('job_name')}): {job.error}" for job in unreadable]
+        if not all_jobs:
+            # A pipeline always has jobs (a trigger-only one has bridges, which the jobs list leaves out); an empty
+            # list is also what a token that cannot read jobs gets. Say so rather than ship it as complete.
+            log.warning("pipeline %s (project %s): GitLab lists no jobs for it; the token may lack read access to "
+                        "jobs (Reporter role), or the pipeline holds only trigger jobs", pipeline_id, project.id)
+            warnings.append("GitLab listed no jobs for this pipeline: the token may lack read access to jobs "
+                            "(Reporter role needed), or the pipeline holds only trigger jobs")
+        if warnings:
+            header["warnings"] = warnings
         return header, jobs
+
+    def _fetch_log_or_note(self, project: ProjectRef, pipeline_id: int, job: Mapping[str, Any], spool: Path) -> JobLog:
+        """:meth:`_fetch_log`, with a log GitLab will not serve (404, 403) noted in the job instead of failing."""
+        try:
+            return self._fetch_log(project, pipeline_id, job, spool)
+        except GitLabSourceError as exc:
+            if exc.status not in (403, 404):
+                raise
+            return JobLog(job_fields(job), None, 0, False,
+                          "log not found in GitLab (404)" if exc.status == 404 else "log not readable with this token (403)")
 
     def _fetch_log(self, project: ProjectRef, pipeline_id: int, job: Mapping[str, Any], spool: Path) -> JobLog:
         """One job's log into the spool, cut to MAX_JOB_LOG_BYTES (head and tail kept) when larger."""
@@ -476,11 +618,17 @@ class Shipper:
             if self.preview:
                 self.preview(document, header, result)
             return
+        file_error: DeliveryError | None = None
         if self.files is not None:
             try:
                 result.folder = self.files.write_pipeline(header, jobs, self.clock())
             except OSError as exc:
-                raise DeliveryError(f"cannot write files under {self.config.log_output_dir}: {exc.strerror or exc}") from exc
+                file_error = DeliveryError(f"cannot write files under {self.config.log_output_dir}: {exc.strerror or exc}")
+                if self.delivery is None:
+                    raise file_error from exc
+                # Dual mode: the files are the backup; the API still gets the document.
+                log.error("pipeline %s (project %s): %s; posting it all the same", result.pipeline_id,
+                          result.project_id, file_error)
         if self.delivery is None:
             self.state.record_shipped(result.project_id, result.pipeline_id, result.finish, result.idempotency_key,
                                       "file", self.clock(), list_row)
@@ -505,71 +653,77 @@ class Shipper:
             result.reason = "receiver backing off"
         if result.folder is not None and result.outcome != SHIPPED:
             result.reason += f"; files written to {result.folder}"
+        if file_error is not None:
+            result.reason = f"{result.reason}; {file_error}" if result.reason else str(file_error)
 
     # -- backfill and one-off posts -------------------------------------------------------------
 
     def backfill(self, since: datetime, until: datetime, projects: list[ProjectRef], *, force: bool = False,
                  progress: Callable[[ShipResult], None] | None = None,
                  planned: Callable[[int], None] | None = None) -> CycleReport:
-        """Ship what finished in [since, until], independent of the cursor; records what it shipped.
+        """Ship what came to rest in [since, until], independent of the cursor; records what it shipped.
 
-        Lists by ``updated_after=since`` (a pipeline's updated_at is never before its finish), then keeps
-        those whose ``finished_at`` falls in the window. Finishes shipped before are skipped unless ``force``.
-        First finds them all (``planned`` is told how many), then ships them (``progress`` after each), so
-        that a terminal can show done/total and an ETA.
+        Lists by ``updated_after=since`` (a pipeline's updated_at is never before it came to rest), then keeps those
+        whose :func:`payload.rest_time` — ``finished_at``, or ``updated_at`` for skipped and manual pipelines, which
+        GitLab leaves without a finished_at — falls in the window. Finishes shipped before are skipped unless
+        ``force``. First finds them all (``planned`` is told how many), then ships them (``progress`` after each), so
+        that a terminal can show done/total and an ETA. What fails goes to the retry list, which the daemon works off.
         """
         report = CycleReport()
-        todo: list[tuple[ProjectRef, Mapping[str, Any]]] = []
+        todo: list[tuple[ProjectRef, Mapping[str, Any], str | None]] = []
         for project in projects:
             if self.stop.is_set():
                 break
             try:
                 self._backfill_project(project, since, until, force, report, todo)
             except GitLabSourceError as exc:
-                log.error("project %s: %s", project.id, exc)
-                report.project_errors.append(f"{project.id}: {exc}")
+                log.error("project %s: %s", project.id, _without_prefix(str(exc), project.id))
+                report.project_errors.append(f"{project.id}: {_without_prefix(str(exc), project.id)}")
         if planned:
             planned(len(todo))
-        for project, detail in todo:
+        for project, detail, shipped_finish in todo:
             if self.stop.is_set():
                 break
-            result = self.ship(project, detail)
+            row = (str(detail["status"]), str(detail["updated_at"])) if detail.get("updated_at") else None
+            result = self._keep_for_retry(self.ship(project, detail, shipped_finish=shipped_finish), row)
             report.add(result)
             if progress:
                 progress(result)
         return report
 
     def _backfill_project(self, project: ProjectRef, since: datetime, until: datetime, force: bool,
-                          report: CycleReport, todo: list[tuple[ProjectRef, Mapping[str, Any]]]) -> None:
-        seen_ids: set[int] = set()
-        for row in self.source.iter_pipelines(project.id, since):
+                          report: CycleReport, todo: list[tuple[ProjectRef, Mapping[str, Any], str | None]]) -> None:
+        listing = self.source.list_pipelines(project.id, since)
+        for row in listing.rows.values():
             if self.stop.is_set():
                 return
             pipeline_id = int(row["id"])
-            if pipeline_id in seen_ids or row.get("status") not in FINISHED_STATUSES:
+            if row.get("status") not in FINISHED_STATUSES:
                 continue
-            seen_ids.add(pipeline_id)
             if not self.status_allowed(str(row["status"])):
                 report.add(ShipResult(FILTERED, project.id, pipeline_id))
                 continue
             try:
                 detail = self.source.get_pipeline(project.id, pipeline_id)
             except GitLabSourceError as exc:
-                report.add(self._source_failure(project, pipeline_id, exc, None))
+                report.add(self._keep_for_retry(self._source_failure(project, pipeline_id, exc, None), None))
                 continue
-            finished_at = detail.get("finished_at")
-            if detail.get("status") not in FINISHED_STATUSES or not finished_at:
+            rested = rest_time(detail)
+            if detail.get("status") not in FINISHED_STATUSES or not rested:
                 continue
-            if not since <= parse_ts(finished_at) <= until:
+            if not since <= parse_ts(rested) <= until:
                 continue
-            finish = finish_key(str(detail["status"]), finished_at)
-            if not force and self.state.is_shipped(project.id, pipeline_id, finish):
+            seen = self.state.seen(project.id, pipeline_id)
+            shipped = None if force or seen is None else seen.shipped_finish
+            finish = finish_of(detail, None)
+            if shipped is not None and finish == shipped:
                 report.add(ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish))
                 continue
-            todo.append((project, detail))
+            todo.append((project, detail, shipped))
 
     def post_pipeline(self, pipeline_id: int, project_ref: str | None) -> ShipResult:
-        """Ship one pipeline now, even if it was shipped before (a resend carries the same Idempotency-Key)."""
+        """Ship one pipeline now, even if it was shipped before (a resend carries the same Idempotency-Key).
+        A pipeline waiting in the retry list is taken off it when this ships it."""
         if project_ref is not None:
             project = self.source.get_project(project_ref)
         else:
@@ -588,3 +742,31 @@ class Shipper:
         if not self.status_allowed(status):
             raise ShipperError(f"pipeline {pipeline_id} is {status}, which LOG_SAVE_PIPELINE_STATUS filters out")
         return self.ship(project, detail)
+
+
+def _without_prefix(message: str, ref: object) -> str:
+    """``project 123: project 123: …`` reads badly: drop a leading repetition of what the line already names."""
+    for prefix in (f"project {ref}: ", f"{ref}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _inconsistency(detail: Mapping[str, Any], jobs: list[dict[str, Any]]) -> str | None:
+    """Why these jobs may not belong to the state of the pipeline ``detail`` shows, or None.
+
+    The pipeline and its jobs are two GETs; a retry or a played manual job between them would give a document
+    keyed by the old finish holding the new attempt (pending, with no log). GitLab's job entity embeds its
+    pipeline's status and updated_at as of the jobs query: if those equal the pipeline GET's, both answers show
+    the same state (every state change moves updated_at). And no latest attempt of a pipeline at rest is active."""
+    for job in jobs:
+        embedded = job.get("pipeline")
+        if not isinstance(embedded, dict):
+            continue
+        if embedded.get("status") != detail.get("status") or embedded.get("updated_at") != detail.get("updated_at"):
+            return (f"the pipeline changed while its jobs were read (now {embedded.get('status')}, updated "
+                    f"{embedded.get('updated_at')})")
+    for job in latest_attempts(jobs):
+        if job.get("status") in _ACTIVE_JOB_STATUSES:
+            return f"job {job['id']} ({job.get('name')}) is {job.get('status')} although the pipeline is {detail.get('status')}"
+    return None

@@ -11,12 +11,14 @@ other failed read, so the pipeline is tried again on a later cycle instead of en
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import ssl
+import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -51,6 +53,36 @@ class ProjectRef:
     id: int
     name: str | None
     path_with_namespace: str | None
+
+
+@dataclass
+class Listing:
+    """What one listing of a project's pipelines found.
+
+    ``rows``: id → the newest version of its row (a row listed twice, because it moved while we paged or sits on a
+    page boundary, keeps its latest ``updated_at``). ``gitlab_now``: GitLab's own clock (the ``Date`` header of the
+    first answer, truncated to the second), None when GitLab sent none. ``future``: rows whose ``updated_at`` was
+    ahead of the ``Date`` of the answer that carried them (GitLab nodes stamp rows with their own clocks)."""
+
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    gitlab_now: datetime | None = None
+    future: list[tuple[int, str, str]] = field(default_factory=list)  # (id, updated_at, Date)
+    requests: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        pipeline_id = int(row["id"])
+        known = self.rows.get(pipeline_id)
+        if known is None or parse_ts(row["updated_at"]) >= parse_ts(known["updated_at"]):
+            self.rows[pipeline_id] = row
+
+
+@dataclass(frozen=True)
+class DiscoveryProblem:
+    """A configured project or group that could not be read (deleted, renamed, no access): reported every cycle,
+    while every other project is polled as usual."""
+
+    ref: str
+    reason: str
 
 
 class MalformedAnswer(ValueError):
@@ -257,7 +289,35 @@ def _job(obj: Any) -> dict[str, Any]:
     for key in ("created_at", "started_at", "finished_at"):
         _check_time(data, key, kind)
     _check_number(data, "duration", kind)
+    embedded = data.get("pipeline")
+    if embedded is not None:
+        if not isinstance(embedded, dict):
+            raise MalformedAnswer(f"{kind} has no valid 'pipeline' (an object expected, got {_show(embedded)})")
+        _check_text(embedded, "status", f"{kind} pipeline")
+        _check_time(embedded, "updated_at", f"{kind} pipeline")
     return data
+
+
+def _date_header(response: requests.Response) -> datetime | None:
+    """GitLab's clock from an answer's ``Date`` header (RFC 7231, whole seconds); None when absent or unreadable."""
+    raw = response.headers.get("Date")
+    if not raw:
+        return None
+    try:
+        value = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# Rows whose updated_at is ahead of the Date of their answer by more than this are "from the future": the Date
+# header has whole seconds and is taken when the answer starts, so up to about a second ahead is ordinary.
+FUTURE_TOLERANCE = timedelta(seconds=2)
+# A page of this many rows that all carry one updated_at (bulk updates) cannot move the keyset bound forward:
+# that one instant is then listed with offset pages (see list_pipelines).
+_ONE_INSTANT = timedelta(microseconds=999)
 
 
 class GitLabSource:
@@ -284,6 +344,7 @@ class GitLabSource:
             ssl_verify=config.gitlab_verify,  # certifi's bundle, GITLAB_CA_BUNDLE, or off (warned at start)
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
+        self._commit_lock = threading.Lock()  # the pipeline workers share the cache
 
     def __repr__(self) -> str:
         return f"GitLabSource(url={self.url!r})"
@@ -313,19 +374,43 @@ class GitLabSource:
     def get_project(self, ref: str | int) -> ProjectRef:
         return self._call(f"project {ref}", lambda: _project(self.gl.projects.get(ref)))
 
-    def discover_projects(self, projects: tuple[str, ...], groups: tuple[str, ...]) -> list[ProjectRef]:
+    def discover_projects(self, projects: tuple[str, ...], groups: tuple[str, ...],
+                          problems: list[DiscoveryProblem] | None = None) -> list[ProjectRef]:
         """``GITLAB_PROJECTS`` and every project of ``GITLAB_GROUPS`` (subgroups included, projects merely
-        shared with the group excluded); with neither, every project the token is a member of."""
+        shared with the group excluded); with neither, every project the token is a member of.
+
+        A project or group that GitLab says does not exist or is not visible (404, 403) is appended to ``problems``
+        and left out, so that one deleted or renamed project does not stop the others from shipping. Any other
+        failure (GitLab down, token rejected) raises: then nothing can be polled."""
         found: dict[int, ProjectRef] = {}
+
+        def missing(ref: str, exc: GitLabSourceError) -> bool:
+            if exc.status not in (403, 404):
+                return False
+            if problems is not None:
+                problems.append(DiscoveryProblem(ref, str(exc)))
+            return True
+
         for ref in projects:
-            project = self.get_project(ref)
+            try:
+                project = self.get_project(ref)
+            except GitLabSourceError as exc:
+                if missing(f"project {ref}", exc):
+                    continue
+                raise
             found[project.id] = project
         for group_ref in groups:
             def list_group(g: str = group_ref) -> list[ProjectRef]:
                 group = self.gl.groups.get(g, lazy=True)
                 return [_project(p) for p in group.projects.list(
                     iterator=True, include_subgroups=True, with_shared=False, archived=False, per_page=PER_PAGE)]
-            for project in self._call(f"group {group_ref}", list_group):
+            try:
+                members = self._call(f"group {group_ref}", list_group)
+            except GitLabSourceError as exc:
+                if missing(f"group {group_ref}", exc):
+                    continue
+                raise
+            for project in members:
                 found.setdefault(project.id, project)
         if not projects and not groups:
             for project in self._call("projects of the token's user", lambda: [
@@ -337,28 +422,81 @@ class GitLabSource:
 
     # -- pipelines ------------------------------------------------------------------------------
 
-    def iter_pipelines(self, project_id: int, updated_after: datetime, *, children: bool = True) -> Iterator[dict[str, Any]]:
-        """Every pipeline row updated at or after ``updated_after`` (inclusive), child pipelines included
-        unless ``children=False`` (POLL_CHILD_PIPELINES; saves one request per project and cycle).
+    def list_pipelines(self, project_id: int, updated_after: datetime, *, children: bool = True) -> Listing:
+        """Every pipeline row updated at or after ``updated_after`` (inclusive), child pipelines included unless
+        ``children=False`` (POLL_CHILD_PIPELINES; saves one request per project and cycle).
 
-        ``order_by=id&sort=asc`` with a lower time bound is a set that only grows while we page through
-        it, so offset pagination can show a row twice but never skip one (ordering by updated_at could).
-        Child pipelines are only listed with ``source=parent_pipeline``, hence the second query.
+        Paged by keyset, not by offset: each request is the first page of ``updated_after=<bound>&order_by=updated_at
+        &sort=asc``, and the next bound is the newest ``updated_at`` of that page. With offsets, a row deleted while
+        a later page is fetched shifts every row behind it one place forward and the first row of the next page is
+        never seen (GitLab's pipelines list has offset pagination only; ``Ci::PipelinesFinder#sort_items`` orders by
+        the one column asked for). Here a deletion shifts nothing we rely on, and a row that moves while we page
+        gets a newer ``updated_at`` and comes again on a later page. Rows on the bound are listed again (the bound
+        is inclusive) and merged. Only when a whole page shares one ``updated_at`` (a bulk update of more than
+        PER_PAGE pipelines in the same millisecond) is that instant listed with offset pages, ordered by id.
+        Child pipelines are only listed with ``source=parent_pipeline`` (GitLab 17.0+), hence the second query.
         """
-        base = {"updated_after": format_ts(updated_after), "order_by": "id", "sort": "asc", "per_page": PER_PAGE}
+        listing = Listing()
         queries: list[dict[str, str]] = [{}, {"source": "parent_pipeline"}] if children else [{}]
         for extra in queries:
-            what = f"project {project_id}: listing {'child ' if extra else ''}pipelines"
-            iterator = self._call(what, lambda: iter(self.gl.http_list(
-                f"/projects/{project_id}/pipelines", {**base, **extra}, iterator=True)))
+            what = f"listing {'child ' if extra else ''}pipelines of project {project_id}"
+            bound = updated_after
             while True:
-                try:
-                    row = next(iterator)
-                except StopIteration:
+                rows = self._pipelines_page(project_id, {**extra, "updated_after": format_ts(bound)}, listing, what)
+                for row in rows:
+                    listing.add(row)
+                if len(rows) < PER_PAGE:
                     break
-                except _ERRORS as exc:
-                    raise self._error(what, exc) from exc
-                yield self._call(what, lambda: _pipeline_row(row))
+                newest = max(parse_ts(row["updated_at"]) for row in rows)
+                if newest > bound:
+                    bound = newest
+                    continue
+                self._list_one_instant(project_id, extra, bound, listing, what)
+                bound += timedelta(milliseconds=1)
+        return listing
+
+    def _pipelines_page(self, project_id: int, query: dict[str, str], listing: Listing, what: str) -> list[dict[str, Any]]:
+        """One page (the first) of the pipelines list; notes GitLab's clock and rows from the future."""
+        params = {"order_by": "updated_at", "sort": "asc", "per_page": PER_PAGE, **query}
+
+        def fetch() -> tuple[list[dict[str, Any]], datetime | None]:
+            response = self.gl.http_request("get", f"/projects/{project_id}/pipelines", query_data=params)
+            try:
+                data = response.json()
+            except ValueError:  # requests' JSONDecodeError is a RequestException too: not "cannot reach GitLab"
+                kind = response.headers.get("Content-Type") or "no content type"
+                raise MalformedAnswer(f"the pipelines list is not JSON ({escape_controls(kind)[:60]})") from None
+            if not isinstance(data, list):
+                raise MalformedAnswer(f"the pipelines list is {type(data).__name__}, not a list")
+            return [_pipeline_row(row) for row in data], _date_header(response)
+
+        rows, date = self._call(what, fetch)
+        listing.requests += 1
+        if listing.gitlab_now is None:
+            listing.gitlab_now = date
+        if date is not None:
+            for row in rows:
+                if parse_ts(row["updated_at"]) > date + FUTURE_TOLERANCE:
+                    listing.future.append((int(row["id"]), str(row["updated_at"]), format_ts(date)))
+        return rows
+
+    def _list_one_instant(self, project_id: int, extra: dict[str, str], instant: datetime, listing: Listing,
+                          what: str) -> None:
+        """Every row updated within the millisecond ``instant`` (offset pages, ordered by id)."""
+        query = {**extra, "updated_after": format_ts(instant),
+                 "updated_before": (instant + _ONE_INSTANT).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                 "order_by": "id", "sort": "asc", "per_page": PER_PAGE}
+        iterator = self._call(what, lambda: iter(self.gl.http_list(f"/projects/{project_id}/pipelines", query,
+                                                                    iterator=True)))
+        while True:
+            try:
+                row = next(iterator)
+            except StopIteration:
+                break
+            except _ERRORS as exc:
+                raise self._error(what, exc) from exc
+            listing.add(self._call(what, lambda: _pipeline_row(row)))
+        listing.requests += 1
 
     def get_pipeline(self, project_id: int, pipeline_id: int) -> dict[str, Any]:
         return self._call(
@@ -406,9 +544,10 @@ class GitLabSource:
         if not sha:
             return None
         key = (project_id, sha)
-        if key in self._commit_cache:
-            self._commit_cache.move_to_end(key)
-            return self._commit_cache[key]
+        with self._commit_lock:
+            if key in self._commit_cache:
+                self._commit_cache.move_to_end(key)
+                return self._commit_cache[key]
         try:
             what = f"commit {sha[:12]} of project {project_id}"
             commit = self._call(what, lambda: _attrs(
@@ -418,9 +557,11 @@ class GitLabSource:
             if not exc.gone:
                 raise
             email = None  # commit gone (force-push + gc): the document says null rather than failing
-        self._commit_cache[key] = email
-        if len(self._commit_cache) > COMMIT_CACHE_SIZE:
-            self._commit_cache.popitem(last=False)
+        with self._commit_lock:
+            self._commit_cache[key] = email
+            self._commit_cache.move_to_end(key)
+            while len(self._commit_cache) > COMMIT_CACHE_SIZE:
+                self._commit_cache.popitem(last=False)
         return email
 
     def find_pipeline(self, project_ids: list[int], pipeline_id: int) -> int | None:

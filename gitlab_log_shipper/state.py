@@ -73,6 +73,21 @@ CREATE TABLE IF NOT EXISTS outbox (
 -- Running totals and the last cycle, for `status` and the metrics textfile. Added without a schema
 -- version bump: an older shipper simply ignores the table, so a rollback keeps working.
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Pipelines that could not be shipped (GitLab failed, a file could not be written, the pipeline changed while
+-- it was read): retried by id on their own backoff, so that they never hold a project's cursor. Added without a
+-- schema version bump, like stats: an older shipper ignores it (and then re-lists within its overlap only).
+CREATE TABLE IF NOT EXISTS retries (
+    project_id INTEGER NOT NULL,
+    pipeline_id INTEGER NOT NULL,
+    list_status TEXT,
+    list_updated_at TEXT,
+    attempts INTEGER NOT NULL,
+    first_failed_at TEXT NOT NULL,
+    last_failed_at TEXT NOT NULL,
+    next_attempt_at TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (project_id, pipeline_id)
+);
 """
 
 RECOVERY_HINT = (
@@ -97,6 +112,28 @@ class OutboxEntry:
     last_status: int | None
     last_error: str | None
     next_attempt_at: str
+
+
+@dataclass(frozen=True)
+class RetryEntry:
+    """A pipeline that failed to ship and is tried again by id at ``next_attempt_at``."""
+
+    project_id: int
+    pipeline_id: int
+    list_status: str | None
+    list_updated_at: str | None
+    attempts: int
+    first_failed_at: str
+    last_failed_at: str
+    next_attempt_at: str
+    reason: str
+
+    @property
+    def list_row(self) -> tuple[str, str] | None:
+        return (self.list_status, self.list_updated_at) if self.list_status and self.list_updated_at else None
+
+
+_CLEAR_RETRY = "DELETE FROM retries WHERE project_id=? AND pipeline_id=?"
 
 
 @dataclass(frozen=True)
@@ -202,7 +239,7 @@ class StateStore:
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
             "list_status=excluded.list_status, list_updated_at=excluded.list_updated_at, touched_at=excluded.touched_at",
             (project_id, pipeline_id, list_status, list_updated_at, format_ts(now)),
-        )])
+        ), (_CLEAR_RETRY, (project_id, pipeline_id))])
 
     def record_shipped(
         self,
@@ -234,6 +271,7 @@ class StateStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (project_id, pipeline_id, finish, idempotency_key, outcome, format_ts(now)),
             ),
+            (_CLEAR_RETRY, (project_id, pipeline_id)),
         ]
 
     # -- outbox ---------------------------------------------------------------------------------
@@ -275,6 +313,42 @@ class StateStore:
              "VALUES (?, ?, ?, ?, ?, ?)",
              (entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key, outcome, format_ts(now))),
         ])
+
+    # -- pipelines to try again ----------------------------------------------------------------
+
+    def record_failure(self, project_id: int, pipeline_id: int, list_row: tuple[str, str] | None, reason: str,
+                       now: datetime, next_attempt_at: datetime, *, count: bool = True) -> RetryEntry:
+        """The pipeline could not be shipped: keep it for another attempt (``count=False``: not its fault, e.g. it
+        changed while it was read; the attempt is not counted toward its backoff). Returns the updated entry."""
+        stamp = format_ts(now)
+        self._write([(
+            "INSERT INTO retries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
+            "list_status=COALESCE(excluded.list_status, list_status), "
+            "list_updated_at=COALESCE(excluded.list_updated_at, list_updated_at), "
+            "attempts=attempts + excluded.attempts, last_failed_at=excluded.last_failed_at, "
+            "next_attempt_at=excluded.next_attempt_at, reason=excluded.reason",
+            (project_id, pipeline_id, *(list_row or (None, None)), 1 if count else 0, stamp, stamp,
+             format_ts(next_attempt_at), reason[:1000]),
+        )])
+        entry = self.retry_entry(project_id, pipeline_id)
+        assert entry is not None
+        return entry
+
+    def retry_entry(self, project_id: int, pipeline_id: int) -> RetryEntry | None:
+        rows = self._query("SELECT * FROM retries WHERE project_id=? AND pipeline_id=?", (project_id, pipeline_id))
+        return RetryEntry(*rows[0]) if rows else None
+
+    def retries(self, project_id: int | None = None) -> list[RetryEntry]:
+        """Every pipeline waiting for another attempt (of one project), oldest failure first."""
+        if project_id is None:
+            rows = self._query("SELECT * FROM retries ORDER BY first_failed_at, pipeline_id")
+        else:
+            rows = self._query("SELECT * FROM retries WHERE project_id=? ORDER BY first_failed_at, pipeline_id",
+                               (project_id,))
+        return [RetryEntry(*row) for row in rows]
+
+    def clear_retry(self, project_id: int, pipeline_id: int) -> None:
+        self._write([(_CLEAR_RETRY, (project_id, pipeline_id))])
 
     def is_shipped(self, project_id: int, pipeline_id: int, finish: str) -> bool:
         row = self.seen(project_id, pipeline_id)

@@ -45,7 +45,9 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
             "complete": stats.get("last_cycle.complete") == "1",
             "project_errors": int(stats.get("last_cycle.project_errors", "0")),
             "first_error": stats.get("last_cycle.first_error") or None,
+            "missing_projects": [line for line in stats.get("last_cycle.missing_projects", "").split("\n") if line],
         }
+    retries = state.retries()
     rate = stats.get("gitlab.rate_limit_remaining")
     return {
         "version": __version__,
@@ -61,6 +63,15 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
                          "folder": str(config.state_dir / "dead-letter")},
         "totals": {name: int(stats.get(f"count.{name}", "0")) for name in (*TOTALS, CYCLES, INCOMPLETE_CYCLES)},
         "gitlab_rate_limit_remaining": int(rate) if rate and rate.isdigit() else None,
+        # Pipelines that failed to ship and are tried again by id on their own backoff (oldest failure first).
+        "retrying": {
+            "pipelines": len(retries),
+            "oldest_failed_at": retries[0].first_failed_at if retries else None,
+            "oldest_age_seconds": _age(now, retries[0].first_failed_at) if retries else None,
+            "entries": [{"project_id": e.project_id, "pipeline_id": e.pipeline_id, "attempts": e.attempts,
+                         "first_failed_at": e.first_failed_at, "next_attempt_at": e.next_attempt_at,
+                         "reason": e.reason} for e in retries[:20]],
+        },
     }
 
 
@@ -163,6 +174,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
                      f"{_seconds(cycle['duration_seconds'])}: {cycle['summary']}")
         if cycle["first_error"]:
             lines.append(f"               {cycle['project_errors']} project error(s), first: {cycle['first_error']}")
+        for missing in cycle.get("missing_projects") or []:
+            lines.append(f"missing:       {missing} (configured, but GitLab does not show it: fix GITLAB_PROJECTS/"
+                         "GITLAB_GROUPS or the token's access)")
     else:
         lines.append("last cycle:    none recorded yet")
     success = snapshot["last_success_at"]
@@ -180,6 +194,16 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
                      "read the .meta.json, fix the cause, run `gitlab-log-shipper redeliver`")
     else:
         lines.append("dead letters:  none")
+    retrying = snapshot.get("retrying") or {"pipelines": 0}
+    if retrying["pipelines"]:
+        lines.append(f"retrying:      {retrying['pipelines']} pipeline(s) failed to ship, oldest since "
+                     f"{retrying['oldest_failed_at']} ({_ago(retrying['oldest_age_seconds'])}); tried again on their "
+                     "own backoff, or now with `gitlab-log-shipper post --pipeline-id N`")
+        for entry in retrying["entries"][:5]:
+            lines.append(f"  pipeline {entry['pipeline_id']} (project {entry['project_id']}): {entry['attempts']} "
+                         f"attempt(s), next {entry['next_attempt_at']}: {entry['reason'][:200]}")
+    else:
+        lines.append("retrying:      none")
     totals = snapshot["totals"]
     lines.append("totals:        " + " ".join(f"{name}={totals[name]}" for name in TOTALS)
                  + f" ({totals[CYCLES]} cycle(s), {totals[INCOMPLETE_CYCLES]} incomplete)")

@@ -1,0 +1,402 @@
+"""Issue 11, "Nothing lost, for real": one regression test per loss path that adversarial testing found.
+
+Each runs the real shipper in-process against the GitLab simulator and the receiver over loopback HTTP, with one
+virtual clock for GitLab (``World(clock=...)``, whose ``Date`` header follows it) and for the shipper.
+Interleavings inside a cycle (a deletion while page 2 is fetched, a retry between the pipeline GET and the jobs
+GET) use the simulator's request hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.shipper import CHANGED, FAILED, SHIPPED, Shipper
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
+from gitlab_log_shipper.sim.receiver import Receiver
+from gitlab_log_shipper.sim.world import JobSpec, World
+from gitlab_log_shipper.source import GitLabSource
+from gitlab_log_shipper.status import collect, render
+
+from shipper_helpers import by_pipeline, documents, make_env
+
+T0 = datetime(2026, 11, 2, 9, 0, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.now
+
+    def advance(self, **delta: float) -> None:
+        with self._lock:
+            self.now += timedelta(**delta)
+
+
+class HookedSimulator(GitLabSimulator):
+    """Calls ``hook(endpoint, args, params)`` before answering each request, outside the world lock."""
+
+    hook: Callable[[str, list[str], dict[str, str]], None] | None = None
+
+    def _answer(self, handler: Any) -> None:  # type: ignore[override]
+        from urllib.parse import parse_qsl, urlsplit
+
+        from gitlab_log_shipper.sim.gitlab import _route
+
+        if self.hook is not None:
+            split = urlsplit(handler.path)
+            endpoint, args = _route(split.path)
+            self.hook(endpoint, args, dict(parse_qsl(split.query)))
+        super()._answer(handler)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def world(clock: Clock) -> World:
+    return World(clock=clock)
+
+
+@pytest.fixture
+def sim(world: World) -> Iterator[HookedSimulator]:
+    with HookedSimulator(world) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as rec:
+        yield rec
+
+
+def _shipper(tmp: Path, sim: GitLabSimulator, receiver: Receiver | None, clock: Clock, **overrides: str) -> Shipper:
+    values = make_env(tmp, sim, receiver, **{"INITIAL_LOOKBACK": "1h", "POLL_OVERLAP": "5m", "POLL_INTERVAL": "60",
+                                             **overrides}).values
+    return Shipper(load_config(None, values), clock=clock)
+
+
+def _cycle(tmp: Path, sim: GitLabSimulator, receiver: Receiver | None, clock: Clock, **overrides: str):  # type: ignore[no-untyped-def]
+    shipper = _shipper(tmp, sim, receiver, clock, **overrides)
+    try:
+        return shipper.run_cycle()
+    finally:
+        shipper.close()
+
+
+def _job_logs(doc: dict[str, Any]) -> dict[str, str]:
+    return {job["job_name"]: job["log_content"] for job in doc["jobs"]}
+
+
+# -- 1. offset paging and deletions ------------------------------------------------------------------
+
+
+def test_a_deletion_while_page_two_is_fetched_skips_no_row(tmp_path: Path, world: World, sim: HookedSimulator,
+                                                           receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/busy")
+    ids = []
+    for _ in range(230):  # three pages of 100
+        ids.append(world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")]).id)
+        clock.advance(seconds=1)
+    lists = []
+
+    def delete_first_while_paging(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "pipelines":
+            lists.append(params)
+            if len(lists) == 2:  # page 2 is being fetched: auto-cleanup deletes the oldest pipeline
+                world.delete_pipeline(ids[0])
+
+    sim.hook = delete_first_while_paging
+    report = _cycle(tmp_path, sim, receiver, clock, INITIAL_LOOKBACK="1d")
+    shipped = set(by_pipeline(documents(receiver)))
+    assert len(lists) >= 3
+    assert shipped == set(ids[1:]) or shipped == set(ids), f"missing: {sorted(set(ids[1:]) - shipped)}"
+    assert report.counts[SHIPPED] == len(shipped)
+
+
+# -- 2. idle projects --------------------------------------------------------------------------------
+
+
+def test_an_idle_project_keeps_its_window_across_a_downtime_longer_than_the_lookback(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/quiet")
+    _cycle(tmp_path, sim, receiver, clock)  # nothing there: the project must still remember this poll
+    shipper = _shipper(tmp_path, sim, receiver, clock)
+    assert shipper.state.get_cursor(project.id) is not None
+    shipper.close()
+    clock.advance(minutes=30)  # the shipper is down from here ...
+    late = world.add_pipeline(project.id, jobs=[JobSpec("build", log="late\n")])
+    clock.advance(hours=3)  # ... for longer than INITIAL_LOOKBACK + POLL_OVERLAP
+    _cycle(tmp_path, sim, receiver, clock)
+    assert late.id in by_pipeline(documents(receiver))
+
+
+def test_a_project_whose_first_polls_fail_keeps_its_first_window(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                                 receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/flaky")
+    early = world.add_pipeline(project.id, jobs=[JobSpec("build", log="early\n")])
+    sim.inject("pipelines", 403, count=3)  # the listing fails for three cycles (a 403 is not retried within one)
+    for _ in range(3):
+        report = _cycle(tmp_path, sim, receiver, clock)
+        assert report.project_errors
+        clock.advance(minutes=40)
+    sim._injections.clear()
+    _cycle(tmp_path, sim, receiver, clock)
+    assert early.id in by_pipeline(documents(receiver))
+
+
+# -- 3. clocks that disagree --------------------------------------------------------------------------
+
+
+def test_a_row_from_the_future_does_not_move_the_cursor_past_gitlabs_now(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    project = world.add_project("team/skewed")
+    skewed = world.add_pipeline(project.id, jobs=[JobSpec("build", log="skewed\n")])
+    with world.lock:  # stamped by a GitLab node whose clock runs two hours ahead
+        skewed.updated_at = clock() + timedelta(hours=2)
+    with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper"):
+        _cycle(tmp_path, sim, receiver, clock)
+    assert any("ahead of GitLab's clock" in r.getMessage() for r in caplog.records)
+    shipper = _shipper(tmp_path, sim, receiver, clock)
+    assert shipper.state.get_cursor(project.id) <= clock()
+    shipper.close()
+    clock.advance(minutes=20)
+    meanwhile = world.add_pipeline(project.id, jobs=[JobSpec("build", log="meanwhile\n")])
+    clock.advance(minutes=2)
+    _cycle(tmp_path, sim, receiver, clock)
+    assert {skewed.id, meanwhile.id} <= set(by_pipeline(documents(receiver)))
+
+
+# -- 4. backfill and pipelines without finished_at -----------------------------------------------------
+
+
+def _rest_without_finished_at(world: World, pipeline_id: int) -> None:
+    """GitLab stamps finished_at only on success/failed/canceled: skipped and manual pipelines have none."""
+    with world.lock:
+        world.pipelines[pipeline_id].finished_at = None
+
+
+def test_backfill_ships_skipped_and_manual_pipelines(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                      receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/app")
+    skipped = world.add_pipeline(project.id, status="skipped", jobs=[JobSpec("build", status="skipped")])
+    manual = world.add_pipeline(project.id, status="manual",
+                                jobs=[JobSpec("build", log="built\n"), JobSpec("deploy", "deploy", "manual")])
+    done = world.add_pipeline(project.id, status="success", jobs=[JobSpec("build", log="ok\n")])
+    for pipeline in (skipped, manual):
+        _rest_without_finished_at(world, pipeline.id)
+    clock.advance(hours=2)
+    shipper = _shipper(tmp_path, sim, receiver, clock)
+    try:
+        report = shipper.backfill(T0 - timedelta(hours=1), clock(), shipper.projects())
+    finally:
+        shipper.close()
+    docs = by_pipeline(documents(receiver))
+    assert set(docs) == {skipped.id, manual.id, done.id}, report.summary()
+    assert docs[manual.id]["finished_at"] is None and docs[manual.id]["status"] == "manual"
+
+
+# -- 5. a manual pipeline that blocks again ------------------------------------------------------------
+
+
+def test_a_pipeline_blocking_on_its_next_manual_job_is_a_new_finish(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                                    receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/deploys")
+    pipeline = world.add_pipeline(project.id, status="manual", jobs=[
+        JobSpec("build", "build", log="built\n"), JobSpec("staging", "deploy", "manual"),
+        JobSpec("production", "release", "manual")])
+    _rest_without_finished_at(world, pipeline.id)
+    _cycle(tmp_path, sim, receiver, clock)
+    clock.advance(minutes=2)
+    with world.lock:  # staging is played, runs, succeeds; the pipeline blocks on production again
+        staging = next(j for j in world.jobs.values() if j.pipeline_id == pipeline.id and j.name == "staging")
+        staging.status, staging.started_at, staging.finished_at = "success", clock() - timedelta(seconds=50), clock()
+        staging.log = "deployed to staging\n"
+        world.pipelines[pipeline.id].updated_at = clock()
+    clock.advance(minutes=1)
+    _cycle(tmp_path, sim, receiver, clock)
+    posts = [r for r in receiver.accepted() if r.json()["pipeline_id"] == pipeline.id]
+    assert len(posts) == 2
+    keys = {r.headers["Idempotency-Key"] for r in posts}
+    assert len(keys) == 2
+    assert _job_logs(posts[1].json())["staging"] == "deployed to staging\n"
+    _cycle(tmp_path, sim, receiver, clock)  # the same state again: nothing more
+    assert len([r for r in receiver.accepted() if r.json()["pipeline_id"] == pipeline.id]) == 2
+
+
+# -- 6. one job's log is gone, the pipeline is not ----------------------------------------------------
+
+
+def test_a_404_on_one_job_log_ships_the_pipeline_with_that_log_flagged(tmp_path: Path, world: World,
+                                                                       sim: GitLabSimulator, receiver: Receiver,
+                                                                       clock: Clock) -> None:
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", "build", log="b\n"),
+                                                    JobSpec("test", "test", log="t\n")])
+    sim.inject("trace", 404, count=1)
+    report = _cycle(tmp_path, sim, receiver, clock, CONCURRENCY="1")
+    doc = by_pipeline(documents(receiver))[pipeline.id]
+    flagged = [job for job in doc["jobs"] if "log_error" in job]
+    assert report.counts[SHIPPED] == 1
+    assert len(flagged) == 1 and "404" in flagged[0]["log_error"] and flagged[0]["log_content"] == ""
+    assert any("log_error" in w or "404" in w for w in doc["warnings"])
+
+
+def test_a_404_on_a_log_of_a_deleted_pipeline_is_gone(tmp_path: Path, world: World, sim: HookedSimulator,
+                                                      receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="b\n")])
+
+    def delete_on_trace(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "trace":
+            world.delete_pipeline(pipeline.id)
+
+    sim.hook = delete_on_trace
+    report = _cycle(tmp_path, sim, receiver, clock)
+    assert report.counts["gone"] == 1 and not receiver.accepted()
+
+
+# -- 7. a retry between the pipeline GET and the jobs GET ------------------------------------------------
+
+
+def test_a_retry_between_the_pipeline_and_the_jobs_get_ships_no_mixed_document(
+        tmp_path: Path, world: World, sim: HookedSimulator, receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("build", "build", log="b\n"),
+                                                                    JobSpec("test", "test", "failed", log="boom\n")])
+    retried = threading.Event()
+
+    def retry_once(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "pipeline_jobs" and not retried.is_set():
+            retried.set()
+            world.retry_pipeline(pipeline.id)
+
+    sim.hook = retry_once
+    report = _cycle(tmp_path, sim, receiver, clock)
+    assert report.counts[CHANGED] == 1 and not receiver.accepted(), report.summary()
+    clock.advance(minutes=3)
+    world.finish_pipeline(pipeline.id, "success")
+    clock.advance(minutes=1)
+    _cycle(tmp_path, sim, receiver, clock)
+    doc = by_pipeline(documents(receiver))[pipeline.id]
+    assert doc["status"] == "success"
+    assert all(job["status"] in ("success", "failed") for job in doc["jobs"])
+    assert all(job["log_content"] for job in doc["jobs"])
+
+
+# -- 11. a configured project that no longer exists ----------------------------------------------------
+
+
+def test_a_vanished_project_does_not_stop_the_others(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                     receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/alive")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")])
+    shipper = _shipper(tmp_path, sim, receiver, clock, GITLAB_PROJECTS=f"{project.id},team/deleted-last-week")
+    try:
+        report = shipper.run_cycle()
+        from gitlab_log_shipper.stats import record_cycle
+        record_cycle(shipper.state, shipper.config, report, started=clock(), finished=clock(),
+                     rate_limit_remaining=None, projects=shipper.known_projects)
+        snapshot = collect(shipper.config, shipper.state, clock())
+    finally:
+        shipper.close()
+    assert pipeline.id in by_pipeline(documents(receiver))
+    assert not report.gitlab_unreachable and not report.complete
+    assert report.missing_projects and "team/deleted-last-week" in report.missing_projects[0]
+    assert any("team/deleted-last-week" in line for line in render(snapshot, clock()))
+
+
+# -- 13. dual mode: the files fail, the API still gets the document --------------------------------------
+
+
+def test_dual_mode_posts_even_when_the_file_output_fails(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                          receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")])
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the output folder should be")
+    report = _cycle(tmp_path, sim, receiver, clock, API_POST_SAVE_TO_FILE="true", LOG_OUTPUT_DIR=str(blocked / "out"))
+    assert pipeline.id in by_pipeline(documents(receiver))
+    assert report.counts[SHIPPED] == 1
+
+
+# -- 14. the commit-email cache under threads ---------------------------------------------------------
+
+
+def test_the_commit_email_cache_is_safe_under_threads(tmp_path: Path, world: World, sim: GitLabSimulator,
+                                                      clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gitlab_log_shipper.source as source_module
+
+    project = world.add_project("team/app")
+    shas = [world.add_pipeline(project.id, author_email=f"a{i}@example.com").sha for i in range(40)]
+    monkeypatch.setattr(source_module, "COMMIT_CACHE_SIZE", 3)
+    config = load_config(None, make_env(tmp_path, sim, None).values)
+    source = GitLabSource(config)
+    errors: list[BaseException] = []
+
+    def hammer(offset: int) -> None:
+        try:
+            for i in range(200):
+                source.commit_author_email(project.id, shas[(i * 7 + offset) % 5])
+        except BaseException as exc:  # noqa: BLE001 - any escape is the defect
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    source.close()
+    assert not errors, errors[:3]
+    assert len(source._commit_cache) <= 3
+
+
+# -- 17. a pipeline that fails every cycle -------------------------------------------------------------
+
+
+def test_a_pipeline_that_keeps_failing_does_not_pin_the_cursor_and_is_retried_with_backoff(
+        tmp_path: Path, world: World, sim: HookedSimulator, receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/app")
+    bad = world.add_pipeline(project.id, jobs=[JobSpec("build", log="bad\n")])
+    jobs_requests = []
+
+    def fail_jobs_of_bad(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "pipeline_jobs" and int(args[1]) == bad.id:
+            jobs_requests.append(clock())
+            sim.inject("pipeline_jobs", 400)  # not retried within the cycle: the pipeline fails
+
+    sim.hook = fail_jobs_of_bad
+    cursors = []
+    for _ in range(8):
+        report = _cycle(tmp_path, sim, receiver, clock)
+        shipper = _shipper(tmp_path, sim, receiver, clock)
+        cursors.append(shipper.state.get_cursor(project.id))
+        snapshot = collect(shipper.config, shipper.state, clock())
+        shipper.close()
+        clock.advance(minutes=1)
+    assert snapshot["retrying"]["entries"][0]["attempts"] >= 3
+    assert cursors[-1] > cursors[0] + timedelta(minutes=5), "the cursor must not wait for the failing pipeline"
+    assert snapshot["retrying"]["pipelines"] == 1 and "400" in snapshot["retrying"]["entries"][0]["reason"]
+    assert len(jobs_requests) < 8, "retried with backoff, not on every cycle"
+    # The fault clears; the pipeline has long left the listing window (cursor - overlap) and still ships.
+    sim.hook = None
+    sim._injections.clear()
+    clock.advance(hours=2)
+    _cycle(tmp_path, sim, receiver, clock)
+    assert bad.id in by_pipeline(documents(receiver))
+    shipper = _shipper(tmp_path, sim, receiver, clock)
+    assert shipper.state.retries() == []
+    shipper.close()
