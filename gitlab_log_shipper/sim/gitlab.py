@@ -2,7 +2,8 @@
 
 Integration tests talk to it with unmodified python-gitlab, so it reproduces what decides whether a
 poller is correct (see ``gitlab-api-notes.md``): offset pagination with GitLab's headers (and their
-absence above 10,000 rows), inclusive time bounds, child pipelines listed only with
+absence above 10,000 rows) and Link URLs rebuilt from the coerced params, inclusive ``updated_*`` and
+exclusive ``created_*`` bounds, child pipelines listed only with
 ``source=parent_pipeline``, list rows without ``finished_at``, jobs newest first with retried attempts
 hidden, bridges kept out of the jobs list, the raw ``text/plain`` trace with no charset and no Range,
 404 for deleted pipelines, Grape's 400s for bad parameters, 401 for a bad token, and JSON objects with
