@@ -153,7 +153,8 @@ def test_list_rows_have_no_finish_fields_and_ms_timestamps(world: World, api: Ap
     assert all(TS.match(single[k]) for k in ("created_at", "updated_at", "started_at", "finished_at"))
 
 
-def test_time_bounds_are_inclusive(world: World, api: Api) -> None:
+def test_updated_bounds_are_inclusive_created_bounds_exclusive(world: World, api: Api) -> None:
+    # updated_*: UpdatedAtFilterable's gteq/lteq; created_*: Ci::Pipeline's own gt/lt scopes.
     project = make_project(world)
     times = [T0 + timedelta(minutes=i, microseconds=456789) for i in range(5)]
     pipelines = [world.add_pipeline(project.id, finished_at=t) for t in times]
@@ -170,8 +171,13 @@ def test_time_bounds_are_inclusive(world: World, api: Api) -> None:
     assert ids(updated_after=listed[pipelines[2].id]) == [p.id for p in pipelines[2:]]
     assert ids(updated_before=listed[pipelines[2].id]) == [p.id for p in pipelines[:2]]
     created = [p.created_at.isoformat() for p in pipelines]
-    assert ids(created_after=created[4]) == [pipelines[4].id]
-    assert ids(created_before=created[0]) == [pipelines[0].id]
+    # The exact created_at is excluded by both created bounds; a microsecond either side includes it.
+    assert ids(created_after=created[3]) == [pipelines[4].id]
+    assert ids(created_after=created[4]) == []
+    assert ids(created_before=created[1]) == [pipelines[0].id]
+    assert ids(created_before=created[0]) == []
+    assert ids(created_after=(pipelines[4].created_at - timedelta(microseconds=1)).isoformat()) == [pipelines[4].id]
+    assert ids(created_after=created[1], created_before=created[3]) == [pipelines[2].id]
     # An unencoded "+" in an offset arrives as a space: GitLab answers 400.
     r = api.session.get(f"{api.sim.url}/api/v4{path}?updated_after=2026-10-01T10:00:00+00:00", timeout=5)
     assert r.status_code == 400 and r.json() == {"error": "updated_after is invalid"}

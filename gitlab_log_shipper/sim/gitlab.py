@@ -2,7 +2,8 @@
 
 Integration tests talk to it with unmodified python-gitlab, so it reproduces what decides whether a
 poller is correct (see ``gitlab-api-notes.md``): offset pagination with GitLab's headers (and their
-absence above 10,000 rows), inclusive time bounds, child pipelines listed only with
+absence above 10,000 rows) and Link URLs rebuilt from the coerced params, inclusive ``updated_*`` and
+exclusive ``created_*`` bounds, child pipelines listed only with
 ``source=parent_pipeline``, list rows without ``finished_at``, jobs newest first with retried attempts
 hidden, bridges kept out of the jobs list, the raw ``text/plain`` trace with no charset and no Range,
 404 for deleted pipelines, Grape's 400s for bad parameters, 401 for a bad token, and JSON objects with
@@ -31,12 +32,12 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote_plus, unquote, urlsplit
 
 from ._loopback import DISCONNECTS as _DISCONNECTS
 from ._loopback import LoopbackHandler, LoopbackServer, LoopbackService
@@ -54,9 +55,12 @@ from .world import (
     World,
 )
 
-__all__ = ["ENDPOINTS", "Faults", "GitLabSimulator"]
+__all__ = ["ENDPOINTS", "Faults", "GitLabSimulator", "RequestHook"]
 
 logger = logging.getLogger(__name__)
+
+RequestHook = Callable[[str, list[str], dict[str, str]], None]
+"""``callback(endpoint, args, params)`` given to :meth:`GitLabSimulator.on_request`."""
 
 ENDPOINTS: tuple[str, ...] = (
     "version", "user", "projects", "project", "group", "group_projects", "pipelines", "pipeline",
@@ -91,6 +95,11 @@ class Faults:
     bare_429: bool = False
     drop_trace_after: int | None = None
     drop_trace_always: bool = False
+    # A trickling job log: (bytes, delay_s) sends the trace body ``bytes`` at a time with ``delay_s``
+    # between writes (headers at once, Content-Length as usual). ``trace_trickle_jobs``: only these job
+    # ids (None: every job). It stops when the client hangs up or the simulator stops.
+    trace_trickle: tuple[int, float] | None = None
+    trace_trickle_jobs: frozenset[int] | None = None
     seed: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     _rng: random.Random = field(default_factory=random.Random, init=False, repr=False, compare=False)
@@ -297,7 +306,7 @@ class _Params:
             raise _invalid(name, "does not have a valid value")
         return raw
 
-    def moment(self, name: str) -> datetime | None:
+    def moment(self, name: str, *, keep_offset: bool = False) -> datetime | None:
         """Grape's DateTime: ISO 8601; naive means UTC. Note that an unencoded ``+`` in an offset
         arrives as a space (form decoding) and makes the value invalid, as on GitLab."""
         raw = self.get(name)
@@ -312,7 +321,7 @@ class _Params:
             raise _invalid(name) from None
         if value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+        return value if keep_offset else value.astimezone(timezone.utc)
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -938,7 +947,7 @@ class GitLabSimulator(LoopbackService):
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()
         # Faults actually served, by kind: "injected", "rate_limited", "error_page", "unauthorized",
-        # "dropped_trace". Lets a test check that the failure it set up really happened.
+        # "dropped_trace", "trickled_trace". Lets a test check that the failure it set up really happened.
         self.faults_served: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         # Base of pagination Link URLs when it must differ from ``url`` (GitLab behind a proxy that
@@ -949,6 +958,8 @@ class GitLabSimulator(LoopbackService):
         self._rate_window_start = 0.0
         self._rate_count = 0
         self._dropped_jobs: set[int] = set()
+        self._request_hooks: list[RequestHook] = []
+        self._stopping = threading.Event()  # ends trickling traces when the simulator stops
 
     # -- test controls ----------------------------------------------------------------------------
 
@@ -972,6 +983,33 @@ class GitLabSimulator(LoopbackService):
             raise ValueError("count must be >= 1")
         with self._stats_lock:
             self._injections.append(_Injection(endpoint, status, count, headers, body))
+
+    def on_request(self, callback: RequestHook) -> RequestHook:
+        """Call ``callback(endpoint, args, params)`` for every request, before the answer is computed
+        (before faults, authentication and the world are consulted) and outside ``world.lock``, on the
+        request's own thread: a test can change the world between two requests of a client, e.g. delete
+        a pipeline while page 2 is fetched, or retry one between the pipeline GET and the jobs GET.
+
+        ``endpoint`` is one of :data:`ENDPOINTS` (or ``"unknown"``), ``args`` the path arguments
+        (project, then pipeline or job id, as sent), ``params`` the query parameters (last value of a
+        repeated one). An exception in the callback answers the request with a 500. Returns
+        ``callback``, for :meth:`remove_request_hook`.
+        """
+        with self._stats_lock:
+            self._request_hooks.append(callback)
+        return callback
+
+    def remove_request_hook(self, callback: RequestHook) -> None:
+        """Stop calling a callback given to :meth:`on_request` (no error if it is not registered)."""
+        with self._stats_lock:
+            if callback in self._request_hooks:
+                self._request_hooks.remove(callback)
+
+    def _on_stop(self) -> None:
+        self._stopping.set()
+
+    def _on_start(self) -> None:
+        self._stopping.clear()
 
     def reset_counters(self) -> None:
         """Zero :attr:`counters`, :attr:`faults_served` and :attr:`bytes_sent`."""
@@ -1038,6 +1076,10 @@ class GitLabSimulator(LoopbackService):
         endpoint, args = _route(split.path)
         self._count(endpoint)
         params = _Params(parse_qsl(split.query, keep_blank_values=True))
+        with self._stats_lock:
+            hooks = list(self._request_hooks)
+        for hook in hooks:
+            hook(endpoint, list(args), {k: v for k, v in params.pairs})
         if self.faults.latency > 0:
             time.sleep(self.faults.latency)
         now = time.time()
@@ -1140,7 +1182,7 @@ class GitLabSimulator(LoopbackService):
             if endpoint == "token_self":
                 return self._token_self(), {}
             if endpoint == "projects":
-                return self._list_projects(render, params, path, query)
+                return self._list_projects(render, params, path, {})
             if endpoint == "group":
                 group = self._group(args[0])
                 data = render.group(group)
@@ -1149,17 +1191,17 @@ class GitLabSimulator(LoopbackService):
                 # Deprecated but still sent by default: the group's own projects (not subgroups').
                 if params.boolean("with_projects", True):
                     data["projects"] = [render.project(p) for p in world.projects.values()
-                                        if p.group_id == group.id][:100]
+                                        if p.group_id == group.id and not p.deleted][:100]
                     data["shared_projects"] = [render.project(p) for p in world.projects.values()
-                                               if group.id in p.shared_with_group_ids][:100]
+                                               if group.id in p.shared_with_group_ids and not p.deleted][:100]
                 return data, {}
             if endpoint == "group_projects":
-                return self._list_group_projects(render, self._group(args[0]), params, path, query)
+                return self._list_group_projects(render, self._group(args[0]), params, path, {"id": args[0]})
             project = self._project(args[0])
             if endpoint == "project":
                 return render.project(project, single=True), {}
             if endpoint == "pipelines":
-                return self._list_pipelines(render, project, params, path, query)
+                return self._list_pipelines(render, project, params, path, {"id": args[0]})
             if endpoint == "pipeline":
                 return render.pipeline_single(self._pipeline(project, args[1])), {}
             if endpoint == "pipeline_jobs":
@@ -1167,12 +1209,19 @@ class GitLabSimulator(LoopbackService):
                 include_retried = params.boolean("include_retried", False)
                 jobs = world.pipeline_jobs(pipeline.id, include_retried=bool(include_retried))
                 jobs = _filter_scope(jobs, params)
-                page, headers = self._paginate(jobs, params, path, query)
+                if project.jobs_hidden or pipeline.jobs_hidden:
+                    # Ci::JobsFinder#pipeline_jobs raises AccessDeniedError unless
+                    # can?(current_user, :read_build, pipeline); #execute rescues it as type.none:
+                    # 200 with an empty list (app/finders/ci/jobs_finder.rb), the pipeline still visible.
+                    jobs = []
+                page, headers = self._paginate(jobs, params, path, _JOBS_DECLARED,
+                                               {"id": args[0], "pipeline_id": args[1]})
                 return [render.job(j) for j in page], headers
             if endpoint == "pipeline_bridges":
                 pipeline = self._pipeline(project, args[1])
                 bridges = _filter_scope(world.pipeline_bridges(pipeline.id), params)
-                page, headers = self._paginate(bridges, params, path, query)
+                page, headers = self._paginate(bridges, params, path, _BRIDGES_DECLARED,
+                                               {"id": args[0], "pipeline_id": args[1]})
                 return [render.bridge(b) for b in page], headers
             if endpoint == "job":
                 return render.job(self._job(project, args[1])), {}
@@ -1248,28 +1297,30 @@ class GitLabSimulator(LoopbackService):
 
     # lists ----------------------------------------------------------------------------------------
 
-    def _list_projects(self, render: _Renderer, params: _Params, path: str, query: str) -> tuple[Any, dict[str, str]]:
-        projects = list(self.world.projects.values())
+    def _list_projects(
+        self, render: _Renderer, params: _Params, path: str, route: dict[str, str]
+    ) -> tuple[Any, dict[str, str]]:
+        projects = [p for p in self.world.projects.values() if not p.deleted]
         if params.boolean("membership", False) or params.boolean("owned", False):
             projects = [p for p in projects if p.member]
         if params.boolean("owned", False):
             projects = [p for p in projects if p.namespace_kind == "user"]
-        return self._project_page(render, projects, params, path, query)
+        return self._project_page(render, projects, params, path, route)
 
     def _list_group_projects(
-        self, render: _Renderer, group: Group, params: _Params, path: str, query: str
+        self, render: _Renderer, group: Group, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
         ids = set(self.world.subgroup_ids(group.id)) if params.boolean("include_subgroups", False) else {group.id}
-        projects = [p for p in self.world.projects.values() if p.group_id in ids]
+        projects = [p for p in self.world.projects.values() if p.group_id in ids and not p.deleted]
         if params.boolean("with_shared", True):
             # Projects shared with this group (not with its subgroups).
             seen = {p.id for p in projects}
             projects += [p for p in self.world.projects.values()
-                         if group.id in p.shared_with_group_ids and p.id not in seen]
-        return self._project_page(render, projects, params, path, query)
+                         if group.id in p.shared_with_group_ids and p.id not in seen and not p.deleted]
+        return self._project_page(render, projects, params, path, route)
 
     def _project_page(
-        self, render: _Renderer, projects: list[Project], params: _Params, path: str, query: str
+        self, render: _Renderer, projects: list[Project], params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
         archived = params.boolean("archived", None)
         if archived is not None:
@@ -1300,11 +1351,11 @@ class GitLabSimulator(LoopbackService):
         key = keys[order_by or "created_at"]
         projects.sort(key=lambda p: (key(p), p.id), reverse=(sort == "desc"))
         simple = params.boolean("simple", False)
-        page, headers = self._paginate(projects, params, path, query)
+        page, headers = self._paginate(projects, params, path, _PROJECTS_DECLARED, route)
         return [render.project_simple(p) if simple else render.project(p) for p in page], headers
 
     def _list_pipelines(
-        self, render: _Renderer, project: Project, params: _Params, path: str, query: str
+        self, render: _Renderer, project: Project, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
         """GET /projects/:id/pipelines, following Ci::PipelinesFinder step by step."""
         scope = params.choice("scope", ("running", "pending", "finished", "branches", "tags"), None)
@@ -1348,15 +1399,19 @@ class GitLabSimulator(LoopbackService):
             items = [p for p in items if p.user is not None and p.user.get("username") == username]
         if yaml_errors is not None:
             items = [p for p in items if (p.yaml_errors is not None) == yaml_errors]
-        # Both bounds are inclusive (>=, <=), compared at the stored microsecond precision.
+        # Compared at the stored microsecond precision. updated_* are INCLUSIVE: Ci::Pipeline includes
+        # UpdatedAtFilterable (app/models/concerns/updated_at_filterable.rb: updated_at.gteq / .lteq).
+        # created_* are EXCLUSIVE: Ci::Pipeline's own scopes (app/models/ci/pipeline.rb:
+        # ``created_after: arel_table[:created_at].gt(time)``, ``created_before: ....lt(time)``), which
+        # CreatedAtFilter (app/finders/concerns/created_at_filter.rb) calls.
         if updated_after:
             items = [p for p in items if p.updated_at >= updated_after]
         if updated_before:
             items = [p for p in items if p.updated_at <= updated_before]
         if created_after:
-            items = [p for p in items if p.created_at >= created_after]
+            items = [p for p in items if p.created_at > created_after]
         if created_before:
-            items = [p for p in items if p.created_at <= created_before]
+            items = [p for p in items if p.created_at < created_before]
         if source:
             items = [p for p in items if p.source == source]
         if name:
@@ -1374,11 +1429,23 @@ class GitLabSimulator(LoopbackService):
             return (value is None, value if value is not None else 0, p.id)
 
         items.sort(key=sort_key, reverse=(sort == "desc"))
-        page, headers = self._paginate(items, params, path, query)
+        page, headers = self._paginate(items, params, path, _PIPELINES_DECLARED, route)
         return [render.pipeline_list_item(p) for p in page], headers
 
-    def _paginate(self, items: list[Any], params: _Params, path: str, query: str) -> tuple[list[Any], dict[str, str]]:
-        """Offset pagination with GitLab's headers; totals and rel="last" left out above COUNT_LIMIT."""
+    def _paginate(
+        self, items: list[Any], params: _Params, path: str, declared: dict[str, tuple[str, Any]], route: dict[str, str]
+    ) -> tuple[list[Any], dict[str, str]]:
+        """Offset pagination with GitLab's headers; totals and rel="last" left out above COUNT_LIMIT.
+
+        As Gitlab::Pagination::OffsetPagination + OffsetHeaderBuilder (lib/gitlab/pagination/) and
+        Kaminari do: ``per_page`` 0 is a 400 (``except_values: [0]`` in lib/api/concerns/
+        pagination_params.rb), a negative one falls back to the default (Kaminari's ``per`` ignores it),
+        above MAX_PER_PAGE it is capped (Kaminari's max_per_page); a page below 1 is page 1; a page
+        past the end is empty with neither X-Next-Page nor X-Prev-Page (Kaminari's ``out_of_range?``).
+        The Link URLs are rebuilt from the request's Grape params (see :func:`_link_query`), not echoed.
+        """
+        if params.get("per_page") not in (None, "") and params.integer("per_page", 20) == 0:
+            raise _ApiError(400, {"error": "per_page has a value not allowed"})
         page = params.integer("page", 1)
         per_page = params.integer("per_page", 20)
         page = max(page, 1)
@@ -1386,18 +1453,20 @@ class GitLabSimulator(LoopbackService):
         total = len(items)
         start = (page - 1) * per_page
         chunk = items[start : start + per_page]
-        has_next = total > start + per_page
         counted = total <= self.COUNT_LIMIT
-        total_pages = max(1, math.ceil(total / per_page))
+        total_pages = math.ceil(total / per_page)
+        out_of_range = (page > total_pages) if counted else not chunk
+        has_next = total > start + per_page and not out_of_range
+        has_prev = page > 1 and not out_of_range
         base = (self.link_base_url or self.url).rstrip("/")
-        kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in ("page", "per_page")]
+        grape = _grape_params(params, declared, route)
 
         def link(target: int, rel: str) -> str:
-            q = urlencode([*kept, ("page", str(target)), ("per_page", str(per_page))], quote_via=quote)
-            return f'<{base}{path}?{q}>; rel="{rel}"'
+            # page_href: params.merge(page: target, per_page: params[:per_page]).to_query
+            return f'<{base}{path}?{_link_query({**grape, "page": str(target)})}>; rel="{rel}"'
 
         links = []
-        if page > 1:
+        if has_prev:
             links.append(link(page - 1, "prev"))
         if has_next:
             links.append(link(page + 1, "next"))
@@ -1405,13 +1474,13 @@ class GitLabSimulator(LoopbackService):
         headers = {
             "X-Page": str(page),
             "X-Per-Page": str(per_page),
-            "X-Prev-Page": str(page - 1) if page > 1 else "",
+            "X-Prev-Page": str(page - 1) if has_prev else "",
             "X-Next-Page": str(page + 1) if has_next else "",
         }
         if counted:
-            links.append(link(total_pages, "last"))
+            links.append(link(max(1, total_pages), "last"))
             headers["X-Total"] = str(total)
-            headers["X-Total-Pages"] = str(total_pages)
+            headers["X-Total-Pages"] = str(max(1, total_pages))
         headers["Link"] = ", ".join(links)
         return chunk, headers
 
@@ -1430,6 +1499,12 @@ class GitLabSimulator(LoopbackService):
             size = log_size(log)
             job_id = job.id
         drop_at = self._should_drop(job_id, size)
+        trickle = self.faults.trace_trickle
+        trickle_jobs = self.faults.trace_trickle_jobs
+        if trickle is not None and (trickle_jobs is None or job_id in trickle_jobs):
+            self._note_fault("trickled_trace", "trace", f"job {job_id}: {trickle[0]} bytes every {trickle[1]} s")
+        else:
+            trickle = None
         if drop_at is not None:
             self._note_fault("dropped_trace", "trace", f"job {job_id} after {drop_at} of {size} bytes")
         headers = handler._common_headers()
@@ -1444,9 +1519,21 @@ class GitLabSimulator(LoopbackService):
             return
         sent = 0
         for chunk in _trace_chunks(log, drop_at):
-            handler.wfile.write(chunk)
-            sent += len(chunk)
-            self._add_bytes(len(chunk))
+            if trickle is None:
+                handler.wfile.write(chunk)
+                sent += len(chunk)
+                self._add_bytes(len(chunk))
+                continue
+            step, delay = max(1, int(trickle[0])), max(0.0, float(trickle[1]))
+            for at in range(0, len(chunk), step):
+                # A hung-up client makes this write raise (a disconnect, quiet); the wait is bounded.
+                handler.wfile.write(chunk[at : at + step])
+                handler.wfile.flush()
+                sent += min(step, len(chunk) - at)
+                self._add_bytes(min(step, len(chunk) - at))
+                if self._stopping.wait(delay):
+                    handler.close_connection = True
+                    return
         if drop_at is not None:
             # Hang up mid-body: the client sees fewer bytes than Content-Length promised.
             handler.wfile.flush()
@@ -1468,6 +1555,94 @@ def _trace_chunks(log: Any, stop_after: int | None) -> Iterator[bytes]:
                 chunk = chunk[:remaining]
             remaining -= len(chunk)
         yield chunk
+
+
+# The declared parameters of each paginated endpoint: name -> (Grape type, default). From
+# lib/api/ci/pipelines.rb (pipelines: order_by default 'id', sort default 'desc'; jobs:
+# include_retried default false, ``use :optional_scope``) and lib/api/concerns/pagination_params.rb
+# (page default 1, per_page default 20). For the project lists only the defaults the simulator relies on
+# are declared (order_by 'created_at', sort 'desc', lib/api/projects.rb); their other params are echoed
+# as sent.
+_PAGINATION: dict[str, tuple[str, Any]] = {"page": ("integer", 1), "per_page": ("integer", 20)}
+_PIPELINES_DECLARED: dict[str, tuple[str, Any]] = {
+    **_PAGINATION,
+    "scope": ("string", None), "status": ("string", None), "ref": ("string", None), "sha": ("string", None),
+    "yaml_errors": ("boolean", None), "username": ("string", None),
+    "updated_before": ("datetime", None), "updated_after": ("datetime", None),
+    "created_before": ("datetime", None), "created_after": ("datetime", None),
+    "order_by": ("string", "id"), "sort": ("string", "desc"), "source": ("string", None), "name": ("string", None),
+}
+_JOBS_DECLARED: dict[str, tuple[str, Any]] = {
+    **_PAGINATION, "pipeline_id": ("integer", None), "include_retried": ("boolean", False), "scope": ("array", None),
+}
+_BRIDGES_DECLARED: dict[str, tuple[str, Any]] = {**_PAGINATION, "pipeline_id": ("integer", None), "scope": ("array", None)}
+_PROJECTS_DECLARED: dict[str, tuple[str, Any]] = {
+    **_PAGINATION, "order_by": ("string", "created_at"), "sort": ("string", "desc"),
+    "archived": ("boolean", None), "simple": ("boolean", None), "owned": ("boolean", None),
+    "membership": ("boolean", None), "include_subgroups": ("boolean", None), "with_shared": ("boolean", None),
+}
+
+
+def _grape_params(params: _Params, declared: dict[str, tuple[str, Any]], route: dict[str, str]) -> dict[str, Any]:
+    """What Grape's ``params`` holds after validation: every query parameter (Rack keeps the last of a
+    repeated scalar, collects ``name[]``), declared ones coerced (Integer, Boolean, DateTime), missing
+    ones with a default filled in, and the route parameters (``id``, ``pipeline_id``) merged in.
+    Values are the strings Rails' ``to_query`` writes: ``true``/``false``, integers normalised, and
+    DateTime as ``DateTime#to_s`` (``2026-10-01T10:40:48+00:00``: seconds only, the offset as sent)."""
+    out: dict[str, Any] = {}
+    for key, value in params.pairs:
+        if key.endswith("[]"):
+            current = out.get(key[:-2])
+            out[key[:-2]] = [*(current if isinstance(current, list) else []), value]
+        else:
+            out[key] = value
+    for name, (kind, default) in declared.items():
+        raw = out.get(name)
+        if raw is None or raw == "":
+            if default is not None:
+                out[name] = _to_param(default)
+            continue
+        if kind == "array":
+            out[name] = raw if isinstance(raw, list) else [raw]
+        elif kind == "integer" and isinstance(raw, str):
+            out[name] = str(params.integer(name, 0))
+        elif kind == "boolean" and isinstance(raw, str):
+            out[name] = _to_param(params.boolean(name, None))
+        elif kind == "datetime" and isinstance(raw, str):
+            out[name] = _datetime_to_s(params.moment(name, keep_offset=True))
+    for name, value in route.items():
+        out[name] = str(int(value)) if name == "pipeline_id" and value.isdigit() else value
+    return out
+
+
+def _to_param(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _datetime_to_s(value: datetime | None) -> str:
+    """Ruby's ``DateTime#to_s``: ``%Y-%m-%dT%H:%M:%S%:z`` (fractions of a second dropped)."""
+    if value is None:
+        return ""
+    offset = value.utcoffset() or timedelta(0)
+    sign = "-" if offset < timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return value.strftime("%Y-%m-%dT%H:%M:%S") + f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _link_query(grape: dict[str, Any]) -> str:
+    """Rails' ``Hash#to_query``: ``CGI.escape(key)=CGI.escape(value)`` per key (an array as
+    ``key[]=v`` for each element, an empty one left out), the pieces sorted as strings, joined by &."""
+    pieces = []
+    for key, value in grape.items():
+        if isinstance(value, list):
+            if value:
+                pieces.append("&".join(f"{quote_plus(key + '[]', safe='')}={quote_plus(str(v), safe='')}"
+                                       for v in value))
+        else:
+            pieces.append(f"{quote_plus(key, safe='')}={quote_plus(str(value), safe='')}")
+    return "&".join(sorted(pieces))
 
 
 def _filter_scope(items: list[Any], params: _Params) -> list[Any]:

@@ -32,6 +32,7 @@ __all__ = [
     "FINISHED_STATUSES",
     "NEVER_RAN_STATUSES",
     "PIPELINE_SOURCES",
+    "STAMPS_FINISHED_AT",
     "Bridge",
     "Commit",
     "Group",
@@ -49,10 +50,15 @@ AVAILABLE_STATUSES: tuple[str, ...] = (
 )
 # What GitLab's ``scope=finished`` means (Ci::HasStatus::COMPLETED_STATUSES). Note: no "manual".
 COMPLETED_STATUSES: frozenset[str] = frozenset({"success", "failed", "canceled", "skipped"})
-# Statuses a pipeline can come to rest in; finish_pipeline() accepts these and stamps finished_at.
-# "manual" (blocked on a manual job) is included for the tests' sake although GitLab's
-# scope=finished leaves it out.
+# Statuses a pipeline can come to rest in; finish_pipeline() accepts these. "manual" (blocked on a
+# manual job) is included for the tests' sake although GitLab's scope=finished leaves it out.
 FINISHED_STATUSES: frozenset[str] = COMPLETED_STATUSES | {"manual"}
+# The statuses whose transition stamps finished_at. GitLab's Ci::Pipeline state machine
+# (app/models/ci/pipeline.rb): ``before_transition any => [:success, :failed, :canceled]`` sets
+# ``finished_at = Time.current`` and updates the duration; ``before_transition any => [:manual]`` only
+# updates the duration; nothing stamps ``skipped``. So a skipped or manual pipeline has
+# ``finished_at: null`` (and a skipped one, which never started, no started_at or duration either).
+STAMPS_FINISHED_AT: frozenset[str] = frozenset({"success", "failed", "canceled"})
 # A job in one of these never started: no times, no duration, no runner, an empty trace.
 NEVER_RAN_STATUSES: frozenset[str] = frozenset(
     {"created", "waiting_for_resource", "preparing", "pending", "manual", "scheduled", "skipped"}
@@ -77,6 +83,8 @@ GROUP_ID_START = 118_000_000
 USER_NAMESPACE_ID_START = 12_000_000
 DEFAULT_TOKEN = "glpat-sim-0123456789abcdef"
 _FALLBACK_EXTERNAL_URL = "https://gitlab.example.com"  # for user objects made before any server exists
+# add_pipeline(user=...) default: the world's current user (``user=None`` means a pipeline with no user).
+_CURRENT_USER: Any = object()
 
 
 def _utcnow() -> datetime:
@@ -136,6 +144,11 @@ class Project:
     default_branch: str = "main"
     visibility: str = "private"
     description: str = ""
+    # The token may read the project's pipelines but not their jobs: GET .../pipelines/:id/jobs answers
+    # 200 with an empty list (GitLab's Ci::JobsFinder returns ``type.none`` when
+    # ``can?(current_user, :read_build, pipeline)`` fails; app/finders/ci/jobs_finder.rb).
+    jobs_hidden: bool = False
+    deleted: bool = False  # World.delete_project(): 404 everywhere afterwards
 
 
 @dataclass
@@ -176,6 +189,7 @@ class Pipeline:
     yaml_errors: str | None = None
     coverage: str | None = None
     parent_pipeline_id: int | None = None
+    jobs_hidden: bool = False  # as Project.jobs_hidden, for this pipeline only
     stages: list[str] = field(default_factory=list)
     job_ids: list[int] = field(default_factory=list)
     bridge_ids: list[int] = field(default_factory=list)
@@ -250,6 +264,10 @@ class World:
         # as on a correctly configured GitLab (python-gitlab's auth() warns when the user's web_url
         # does not start with the client's base URL). Set it to reproduce a misconfigured instance.
         self.external_url: str | None = None
+        # Skewed clocks: GitLab nodes stamp rows with their own clocks. While this is set, mutations stamp
+        # updated_at / finished_at (and the job times they set) with now() + this offset; a mutation's
+        # ``skew=`` keyword overrides it for one call. The HTTP Date header stays now() ("GitLab's now").
+        self.node_clock_offset: timedelta = timedelta(0)
         self.users: dict[int, dict[str, Any]] = {}
         self.groups: dict[int, Group] = {}
         self.projects: dict[int, Project] = {}
@@ -280,6 +298,11 @@ class World:
     def now(self) -> datetime:
         """The world's clock (aware UTC)."""
         return _aware(self._clock())
+
+    def stamp(self, skew: timedelta | None = None) -> datetime:
+        """The time a GitLab node writes into a row now: now() + ``skew`` (default
+        :attr:`node_clock_offset`)."""
+        return self.now() + (self.node_clock_offset if skew is None else skew)
 
     # -- users, groups, projects ----------------------------------------------------------------
 
@@ -405,9 +428,11 @@ class World:
         """A project by id or by full path (case-insensitive, as GitLab routes are)."""
         with self.lock:
             if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-                return self.projects.get(int(ref))
+                project = self.projects.get(int(ref))
+                return None if project is None or project.deleted else project
             wanted = ref.lower()
-            return next((p for p in self.projects.values() if p.path_with_namespace.lower() == wanted), None)
+            return next((p for p in self.projects.values()
+                         if p.path_with_namespace.lower() == wanted and not p.deleted), None)
 
     def find_group(self, ref: str | int) -> Group | None:
         """A group by id or by full path (case-insensitive)."""
@@ -438,7 +463,7 @@ class World:
         source: str = "push",
         ref: str = "main",
         sha: str | None = None,
-        user: dict[str, Any] | None = None,
+        user: dict[str, Any] | None = _CURRENT_USER,
         author_email: str = "author@example.com",
         created_at: datetime | None = None,
         finished_at: datetime | None = None,
@@ -450,6 +475,14 @@ class World:
         Times default to a plausible run: a finished pipeline ended now (or at ``finished_at``) and
         started a minute or a few earlier; jobs of stage *i* of *n* ran in the *i*-th slice of it.
         ``author_email`` is the commit's author (``GET .../repository/commits/:sha``).
+
+        ``user``: the user who triggered it (default: the world's current user); ``None`` for a pipeline
+        without one (GitLab renders ``"user": null``, e.g. after the user was deleted).
+
+        A ``skipped`` or ``manual`` pipeline has ``finished_at`` null, as on GitLab (see
+        :data:`STAMPS_FINISHED_AT`); for those, ``finished_at`` here is only the moment it came to rest
+        (its ``updated_at``, and for ``manual`` the end of its duration). A skipped pipeline never
+        started: no started_at, no duration.
         """
         _check_status(status)
         if source not in PIPELINE_SOURCES:
@@ -478,6 +511,9 @@ class World:
             started_at = created_at + timedelta(milliseconds=800) if started else None
             if started_at is not None and finished_at is not None and started_at > finished_at:
                 started_at = created_at
+            rest_at = finished_at  # when it came to rest (updated_at); finished_at only if stamped
+            if status not in STAMPS_FINISHED_AT:
+                finished_at = None
             iid = self._next_iid.get(project_id, 0) + 1
             self._next_iid[project_id] = iid
             sha = sha or _hex(project_id, ref, iid)
@@ -492,13 +528,15 @@ class World:
                 ref=ref,
                 sha=sha,
                 created_at=created_at,
-                updated_at=finished_at or started_at or created_at,
+                updated_at=rest_at or started_at or created_at,
                 started_at=started_at,
                 finished_at=finished_at,
-                user=self.basic_user(user) if user is not None else dict(self.current_user),
+                user=(dict(self.current_user) if user is _CURRENT_USER
+                      else None if user is None else self.basic_user(user)),
                 name=name,
                 before_sha=before_sha if source == "push" else "0" * 40,
-                duration=_whole_seconds(started_at, finished_at),
+                # update_duration runs on the transitions to success/failed/canceled AND manual.
+                duration=_whole_seconds(started_at, rest_at) if status != "skipped" else None,
                 stages=stages,
             )
             self._next_pipeline += 1
@@ -610,8 +648,13 @@ class World:
 
     # -- mutations ------------------------------------------------------------------------------
 
-    def finish_pipeline(self, pipeline_id: int, status: str = "success") -> Pipeline:
-        """Finish a (running) pipeline now: finished_at = now, duration computed, updated_at = now.
+    def finish_pipeline(self, pipeline_id: int, status: str = "success", *, skew: timedelta | None = None) -> Pipeline:
+        """Bring a (running) pipeline to rest in ``status`` now, as GitLab's state machine does.
+
+        updated_at = now; for success/failed/canceled also finished_at = now and the duration
+        (``before_transition any => [:success, :failed, :canceled]`` in app/models/ci/pipeline.rb);
+        for ``manual`` only the duration (``before_transition any => [:manual]``), finished_at stays
+        null; for ``skipped`` neither. "Now" is :meth:`stamp` (``skew`` or :attr:`node_clock_offset`).
 
         Unfinished jobs take ``status`` (``success`` when finishing as ``manual``); manual jobs stay
         manual. A bridge triggering this pipeline takes its status too.
@@ -620,7 +663,7 @@ class World:
             raise ValueError(f"{status!r} is not a finished status ({sorted(FINISHED_STATUSES)})")
         with self.lock:
             pipeline = self._pipeline(pipeline_id)
-            now = self.now()
+            now = self.stamp(skew)
             job_status = status if status in COMPLETED_STATUSES else "success"
             for job in self._latest_jobs(pipeline):
                 if job.status in COMPLETED_STATUSES or job.status == "manual":
@@ -630,48 +673,106 @@ class World:
                 bridge = self.bridges[bridge_id]
                 if bridge.status not in COMPLETED_STATUSES and bridge.status != "manual":
                     self._settle(bridge, job_status, now)
-            pipeline.status = status
-            pipeline.started_at = pipeline.started_at or pipeline.created_at
-            pipeline.finished_at = now
-            pipeline.updated_at = now
-            pipeline.duration = _whole_seconds(pipeline.started_at, now)
+            self._come_to_rest(pipeline, status, now)
             for bridge in self.bridges.values():
                 if bridge.downstream_pipeline_id == pipeline.id:
                     self._settle(bridge, job_status, now)
                     bridge.failure_reason = _bridge_failure(bridge.status, pipeline.id)
             return pipeline
 
-    def retry_pipeline(self, pipeline_id: int) -> Pipeline:
+    def retry_pipeline(self, pipeline_id: int, *, skew: timedelta | None = None) -> Pipeline:
         """Reopen a pipeline as GitLab's "Retry" does: every failed or canceled job gets a new attempt
         (new higher id, same name and stage, ``running``); the old attempt is hidden unless
         ``include_retried``. The pipeline is ``running`` again with ``finished_at`` null; its duration
-        keeps the old value (as in the real recording)."""
+        keeps the old value (as in the real recording ``pipeline_single_running_after_retry.json``)."""
         with self.lock:
             pipeline = self._pipeline(pipeline_id)
-            now = self.now()
+            now = self.stamp(skew)
             for job in sorted(self._latest_jobs(pipeline), key=lambda j: j.id):
                 if job.status not in ("failed", "canceled"):
                     continue
                 job.retried = True
                 self._create_job(pipeline, job.name, job.stage, "running", _next_attempt_log(job.log), 0,
                                  job.allow_failure, retried_from=job.id, at=now)
-            pipeline.status = "running"
-            pipeline.finished_at = None
-            pipeline.updated_at = now
+            self._reopen(pipeline, now)
             return pipeline
 
-    def touch_pipeline(self, pipeline_id: int) -> Pipeline:
+    def play_job(self, job_id: int, *, skew: timedelta | None = None) -> Job:
+        """Play a manual job (Ci::PlayBuildService): the job is enqueued and picked up by a runner, so
+        it is ``running`` (started now, same id: playing a manual job does not create a new attempt,
+        unlike a retry). The pipeline reopens: ``running``, ``finished_at`` null, updated_at now
+        (the same reopening the retry recording shows; its started_at is kept: ``started_at ||=``).
+        Bring it to rest with :meth:`finish_job`."""
+        with self.lock:
+            job = self._job(job_id)
+            pipeline = self._pipeline(job.pipeline_id)
+            if job.status != "manual" or job.retried:
+                raise ValueError(f"job {job_id} is {job.status!r}, not a playable manual job")
+            now = self.stamp(skew)
+            job.status = "running"
+            job.started_at = now
+            job.finished_at = None
+            job.queued_duration = 0.0
+            self._reopen(pipeline, now)
+            return job
+
+    def finish_job(self, job_id: int, status: str = "success", *, skew: timedelta | None = None) -> Pipeline:
+        """Finish a running job in ``status`` now; when no job of the pipeline is still active, the
+        pipeline comes to rest in the status of its latest jobs, as Gitlab::Ci::Status::Composite
+        computes it: ``manual`` (finished_at null) if a blocking manual job is left, else
+        failed/canceled/success (finished_at stamped). Returns the pipeline."""
+        if status not in COMPLETED_STATUSES - {"skipped"}:
+            raise ValueError(f"{status!r}: a job finishes as success, failed or canceled")
+        with self.lock:
+            job = self._job(job_id)
+            pipeline = self._pipeline(job.pipeline_id)
+            if job.status not in _ACTIVE_STATUSES | {"pending", "created"}:
+                raise ValueError(f"job {job_id} is {job.status!r}, not running")
+            now = self.stamp(skew)
+            self._settle(job, status, now)
+            latest = self._latest_jobs(pipeline)
+            if any(j.status not in COMPLETED_STATUSES | {"manual"} for j in latest):
+                pipeline.updated_at = now
+                return pipeline
+            self._come_to_rest(pipeline, _composite_status(latest), now)
+            return pipeline
+
+    def touch_pipeline(self, pipeline_id: int, *, skew: timedelta | None = None) -> Pipeline:
         """Move updated_at to now without any status change (GitLab does this, e.g. ~55 s after a
         pipeline finished, in a real recording)."""
         with self.lock:
             pipeline = self._pipeline(pipeline_id)
-            pipeline.updated_at = self.now()
+            pipeline.updated_at = self.stamp(skew)
             return pipeline
 
     def delete_pipeline(self, pipeline_id: int) -> None:
         """Delete a pipeline: 404 afterwards for it, its jobs and their traces; gone from lists."""
         with self.lock:
             self._pipeline(pipeline_id).deleted = True
+
+    def delete_project(self, project_id: int) -> None:
+        """Delete a project: 404 ``Project Not Found`` afterwards on ``GET /projects/:id`` and everything
+        under it; gone from project lists. (ci_pipelines.project_id is ``async_delete`` in
+        config/gitlab_loose_foreign_keys.yml: its pipelines go with it.)"""
+        with self.lock:
+            project = self._project(project_id)
+            project.deleted = True
+            for pipeline_id in self._project_pipelines.get(project_id, ()):
+                self.pipelines[pipeline_id].deleted = True
+
+    def delete_user(self, user_id: int) -> None:
+        """Delete a user. Their pipelines stay, with ``"user": null`` (ci_pipelines.user_id and
+        p_ci_builds.user_id are ``async_nullify`` in config/gitlab_loose_foreign_keys.yml; a nullify
+        does not move updated_at)."""
+        with self.lock:
+            if user_id not in self.users:
+                raise KeyError(f"no user {user_id}")
+            if user_id == self.current_user["id"]:
+                raise ValueError("the token's own user cannot be deleted (every request would be a 401)")
+            del self.users[user_id]
+            for pipeline in self.pipelines.values():
+                if pipeline.user is not None and pipeline.user.get("id") == user_id:
+                    pipeline.user = None
 
     def set_job_log(self, job_id: int, log: Log) -> None:
         """Replace a job's log."""
@@ -799,7 +900,8 @@ class World:
         if status in NEVER_RAN_STATUSES:
             return created, None, None, None
         start = pipeline.started_at or pipeline.created_at
-        end = pipeline.finished_at or max(self.now(), start + timedelta(seconds=1))
+        rested = pipeline.updated_at if pipeline.status in FINISHED_STATUSES else None
+        end = pipeline.finished_at or rested or max(self.now(), start + timedelta(seconds=1))
         n_stages = max(1, len(pipeline.stages))
         index = pipeline.stages.index(stage) if stage in pipeline.stages else n_stages - 1
         width = (end - start) / n_stages
@@ -855,6 +957,24 @@ class World:
         pipeline.job_ids.append(job.id)
         return job
 
+    def _reopen(self, pipeline: Pipeline, now: datetime) -> None:
+        """Back to ``running``: finished_at null (recorded after a retry), duration and started_at kept."""
+        pipeline.status = "running"
+        pipeline.started_at = pipeline.started_at or now
+        pipeline.finished_at = None
+        pipeline.updated_at = now
+
+    def _come_to_rest(self, pipeline: Pipeline, status: str, now: datetime) -> None:
+        """The pipeline's transition to a resting ``status`` at ``now``, per GitLab's state machine."""
+        pipeline.status = status
+        pipeline.updated_at = now
+        if status == "skipped":
+            return  # no before_transition for skipped: finished_at, started_at, duration untouched
+        pipeline.started_at = pipeline.started_at or pipeline.created_at
+        pipeline.duration = _whole_seconds(pipeline.started_at, now)  # update_duration
+        if status in STAMPS_FINISHED_AT:
+            pipeline.finished_at = now
+
     def _settle(self, item: Job | Bridge, status: str, now: datetime) -> None:
         """Bring an unfinished job or bridge to rest in ``status`` at ``now``."""
         never_started = item.started_at is None
@@ -881,6 +1001,23 @@ def _stage_sorted(specs: Sequence[JobSpec]) -> list[JobSpec]:
     stage by stage, so ids ascend in stage order."""
     order = {stage: i for i, stage in enumerate(dict.fromkeys(s.stage for s in specs))}
     return sorted(specs, key=lambda s: order[s.stage])
+
+
+def _composite_status(jobs: Sequence[Job]) -> str:
+    """A resting pipeline's status from its latest jobs, after Gitlab::Ci::Status::Composite: jobs
+    allowed to fail count as success; a blocking manual job (not allowed to fail) makes it ``manual``;
+    otherwise failed beats canceled beats success; only skipped jobs: skipped."""
+    statuses = ["success" if j.status == "failed" and j.allow_failure else j.status
+                for j in jobs if not (j.status == "manual" and j.allow_failure)]
+    if not statuses or all(s == "skipped" for s in statuses):
+        return "skipped" if statuses else "success"
+    if "manual" in statuses:
+        return "manual"
+    if "failed" in statuses:
+        return "failed"
+    if "canceled" in statuses:
+        return "canceled"
+    return "success"
 
 
 def _whole_seconds(start: datetime | None, end: datetime | None) -> int | None:
