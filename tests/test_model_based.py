@@ -38,6 +38,11 @@ from typing import Any
 
 import pytest
 
+if __name__ == "__main__":  # the survey script: this checkout's package, not an installed one
+    import sys
+
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+
 from gitlab_log_shipper.config import load_config
 from gitlab_log_shipper.shipper import Shipper
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
@@ -520,7 +525,6 @@ if __name__ == "__main__":  # a survey: python tests/test_model_based.py FIRST C
     import sys
     import tempfile
 
-    sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # this checkout's package, not an installed one
     logging.getLogger("gitlab_log_shipper").setLevel(logging.CRITICAL)
     first, count = int(sys.argv[1]), int(sys.argv[2])
     with tempfile.TemporaryDirectory() as tmp:
