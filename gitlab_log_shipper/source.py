@@ -456,7 +456,8 @@ class GitLabSource:
         return listing
 
     def _pipelines_page(self, project_id: int, query: dict[str, str], listing: Listing, what: str) -> list[dict[str, Any]]:
-        """One page (the first) of the pipelines list; notes GitLab's clock and rows from the future."""
+        """One page of the pipelines list (the first unless ``query`` names one); notes GitLab's clock and rows
+        from the future."""
         params = {"order_by": "updated_at", "sort": "asc", "per_page": PER_PAGE, **query}
 
         def fetch() -> tuple[list[dict[str, Any]], datetime | None]:
@@ -482,21 +483,20 @@ class GitLabSource:
 
     def _list_one_instant(self, project_id: int, extra: dict[str, str], instant: datetime, listing: Listing,
                           what: str) -> None:
-        """Every row updated within the millisecond ``instant`` (offset pages, ordered by id)."""
+        """Every row updated within the millisecond ``instant``: offset pages ordered by id, each asked for with our
+        own query and an explicit ``page``. Not by following ``Link``/``X-Next-Page``: GitLab rebuilds those URLs from
+        its coerced params, and a time there loses its fraction (``…T07:18:30+00:00``), which would turn this
+        one-millisecond window into an empty one from page 2 on (``OffsetHeaderBuilder#page_href``)."""
         query = {**extra, "updated_after": format_ts(instant),
-                 "updated_before": (instant + _ONE_INSTANT).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                 "order_by": "id", "sort": "asc", "per_page": PER_PAGE}
-        iterator = self._call(what, lambda: iter(self.gl.http_list(f"/projects/{project_id}/pipelines", query,
-                                                                    iterator=True)))
+                 "updated_before": (instant + _ONE_INSTANT).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "order_by": "id"}
+        page = 1
         while True:
-            try:
-                row = next(iterator)
-            except StopIteration:
-                break
-            except _ERRORS as exc:
-                raise self._error(what, exc) from exc
-            listing.add(self._call(what, lambda: _pipeline_row(row)))
-        listing.requests += 1
+            rows = self._pipelines_page(project_id, {**query, "page": str(page)}, listing, what)
+            for row in rows:
+                listing.add(row)
+            if len(rows) < PER_PAGE:
+                return
+            page += 1
 
     def get_pipeline(self, project_id: int, pipeline_id: int) -> dict[str, Any]:
         return self._call(
