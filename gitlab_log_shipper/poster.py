@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"gitlab-log-shipper/{__version__}"
 RESPONSE_LOG_LIMIT = 1000
+# While api-requests.log cannot be written, the same problem is reported again at most this often (seconds).
+REQUEST_LOG_REPORT_EVERY = 300.0
 # The longest we let one Retry-After hold the daemon inside a single POST; beyond that the document is
 # left for a later cycle instead (a receiver asking for an hour must not freeze every other project).
 MAX_RETRY_AFTER = 120.0
@@ -127,15 +131,60 @@ def format_request_line(
 
 
 class RequestLog:
-    """Appends lines to ``api-requests.log`` (created 0600); one write per line so lines never interleave."""
+    """Appends lines to ``api-requests.log`` (created 0600); one write per line so lines never interleave.
+
+    A side channel: :meth:`write` never raises for the file system. A line that cannot be written (a full
+    disk, a file owned by another user or replaced by a folder, a backup that cannot be rotated) is
+    counted in :attr:`write_failures` and reported at ERROR once per distinct problem, repeated at most
+    every :data:`REQUEST_LOG_REPORT_EVERY` seconds while it lasts; the end of the problem is reported too.
+    A POST the receiver accepted stays delivered whatever became of its line here.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         private_mkdir(path.parent)
+        self.write_failures = 0  # lines not written (or rotations that failed) since the start; for stats
+        self._report_lock = threading.Lock()
+        self._problem: tuple[str, int | None, str | None] | None = None
+        self._problem_failures = 0  # failures since the current problem began
+        self._reported_at = 0.0
+        self._unreported = 0  # failures since the last ERROR line
 
     def write(self, line: str) -> None:
+        try:
+            self._append(line)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self._problem is not None:
+            self._repaired()
+
+    def _append(self, line: str) -> None:
         with open_private(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+    def _failed(self, exc: OSError) -> None:
+        with self._report_lock:
+            self.write_failures += 1
+            self._problem_failures += 1
+            self._unreported += 1
+            problem = (type(exc).__name__, exc.errno, exc.filename)
+            now = time.monotonic()
+            if problem == self._problem and now - self._reported_at < REQUEST_LOG_REPORT_EVERY:
+                return
+            self._problem, self._reported_at = problem, now
+            unreported, self._unreported = self._unreported, 0
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "") if exc.filename else str(self.path)
+        log.error("%s: cannot write %s (%s): POST outcomes are not logged there until this is fixed; deliveries "
+                  "are not affected (%d failed write(s) since the last report, %d in all)", self.path.name, where,
+                  exc.strerror or exc, unreported, self.write_failures)
+
+    def _repaired(self) -> None:
+        with self._report_lock:
+            if self._problem is None:
+                return
+            lost, self._problem, self._problem_failures, self._unreported = self._problem_failures, None, 0, 0
+        log.warning("%s is written again (%d write(s) had failed)", self.path, lost)
 
 
 class ApiPoster:
