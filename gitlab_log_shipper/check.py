@@ -23,6 +23,7 @@ import requests
 
 from .config import Config
 from .errors import GitLabSourceError, ShipperError
+from .logsetup import APP_LOG_BACKUPS
 from .poster import ApiPoster
 from .requestlog import ManagedRequestLog
 from .source import DiscoveryProblem, GitLabSource
@@ -265,7 +266,41 @@ def _folders(config: Config) -> Iterator[Check]:
     if config.metrics_textfile is not None:
         folders.append(("METRICS_TEXTFILE folder", config.metrics_textfile.parent))
     for name, folder in folders:
-        yield _writable(name, Path(folder))
+        check = _writable(name, Path(folder))
+        if name == "LOG_DIR" and check.ok and Path(folder).is_dir():
+            check = _log_files(config, check)
+        yield check
+
+
+def _log_files(config: Config, folder: Check) -> Check:
+    """The files the shipper appends to in LOG_DIR: ``api-requests.log`` and its own log must be files it
+    can open for appending (a root-owned file in a writable folder loses every line), their rotated
+    backups files that a rotation can replace (not folders). Opened, never written: nothing changes."""
+    live = [config.api_requests_log, config.app_log]
+    backups = [path.with_name(f"{path.name}.{n}") for path, count in
+               ((config.api_requests_log, config.api_requests_log_backups), (config.app_log, APP_LOG_BACKUPS))
+               for n in range(1, count + 1)]
+    problems, writable = [], []
+    for path in (*live, *backups):
+        if not os.path.lexists(path):
+            continue
+        if not path.is_file():
+            problems.append(f"{path.name} is not a file")
+            continue
+        if path in live:
+            try:
+                with open(path, "ab"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{path.name} is not writable ({exc.strerror or exc})")
+                continue
+            writable.append(path.name)
+    if problems:
+        return Check(folder.name, False, f"{config.log_dir}: {'; '.join(problems)}: lines written there would be "
+                     "lost; fix the owner or remove the file")
+    if writable:
+        return Check(folder.name, True, f"{folder.detail}; {' and '.join(writable)} writable")
+    return folder
 
 
 def _writable(name: str, folder: Path) -> Check:

@@ -3,11 +3,18 @@
 * **Outbox** (``STATE_DIR/outbox/``): a document the receiver did not accept after the HTTP adapter's
   retries (no answer, 401/403/408/429/5xx) is moved here and recorded in the state store in the same
   step that marks its pipeline finish as handed off, so the cursor can move on. Every cycle the outbox is
-  drained oldest first, each document on its own exponential backoff (with jitter, at least the
-  receiver's ``Retry-After``), so one document the receiver keeps failing on does not hold the others
-  back. When the receiver as a whole looks down (no answer, a 429, or RECEIVER_DOWN_AFTER failures in a
-  row) every delivery backs off, and new documents go straight to the outbox instead of each waiting
-  through the adapter's retries: new pipelines are never held back for more than one cycle.
+  drained oldest first, CONCURRENCY documents at a time, each document on its own exponential backoff
+  (with jitter, at least the receiver's ``Retry-After``, at most OUTBOX_RETRY_MAX), so one document the
+  receiver keeps failing on does not hold the others back.
+* **The receiver as a whole** is taken to be down after no answer, a 429, or RECEIVER_DOWN_AFTER failures
+  in a row. Then new documents go straight to the outbox instead of each waiting through the adapter's
+  retries (new pipelines are never held back for more than one cycle), and the receiver is *probed*: one
+  document (the one due soonest) per poll cycle — the pause before the next probe is a quarter to half of
+  POLL_INTERVAL, or the receiver's ``Retry-After`` if longer (up to OUTBOX_RETRY_MAX). The documents' own
+  backoff does not grow while they merely wait. As soon as one document is accepted after an outage, or
+  by a new process that has not heard from the receiver yet (``run --once`` from cron), every queued
+  document is due at once, whatever its backoff, and the outbox drains with CONCURRENCY POSTs at a time:
+  the backlog arrives within two poll intervals of the receiver's return.
 * **Dead letters** (``STATE_DIR/dead-letter/``): a document the receiver rejected for good (400, 404, 413,
   422, … — see :mod:`poster`) or that outlived ``OUTBOX_MAX_AGE`` is kept there with a ``.meta.json``
   saying why, and is not retried in a loop. ``redeliver`` sends them again once the cause is fixed.
@@ -26,6 +33,8 @@ import json
 import logging
 import os
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -80,13 +89,19 @@ class Delivery:
         self.outbox_dir.mkdir(parents=True, exist_ok=True)
         self.dead_letter_dir.mkdir(parents=True, exist_ok=True)
         self.consecutive_failures = 0
-        self.backoff_until: datetime | None = None
+        self.backoff_until: datetime | None = None  # while the receiver is down: no POST before this time
+        # What this process knows of the receiver: None nothing yet (a new process: it may have been down
+        # for hours), True it accepts documents, False it is down (probed again at backoff_until).
+        self.receiver_up: bool | None = None
+        self._catch_up = False  # it came back: every queued document is due, whatever its own backoff
+        self._lock = threading.Lock()  # the health above and drain's counts; documents are sent concurrently
 
     # -- receiver health ------------------------------------------------------------------------
 
     def backing_off(self) -> bool:
         """The receiver as a whole is considered down: new documents go straight to the outbox."""
-        return self.backoff_until is not None and self.clock() < self.backoff_until
+        until = self.backoff_until
+        return until is not None and self.clock() < until
 
     def _delay(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff from min(POLL_INTERVAL, 60) s up to OUTBOX_RETRY_MAX, with "equal jitter"
@@ -98,24 +113,42 @@ class Delivery:
             delay = max(delay, min(retry_after, self.config.outbox_retry_max))
         return delay
 
+    def _probe_delay(self, retry_after: float | None) -> float:
+        """While the receiver is down: the pause before the next probe. A quarter to half of POLL_INTERVAL
+        (jittered), so that each poll cycle probes it once — not once per document, and not once per
+        OUTBOX_RETRY_MAX; at least its Retry-After (honoured up to OUTBOX_RETRY_MAX)."""
+        delay = self.config.poll_interval * (0.25 + 0.25 * self.jitter())
+        if retry_after:
+            delay = max(delay, min(retry_after, self.config.outbox_retry_max))
+        return delay
+
     def _failed(self, result: PostResult) -> None:
         """Count a document the receiver did not take. One failing document may be the document's fault (a
         payload that crashes the receiver): only RECEIVER_DOWN_AFTER failures in a row, or a failure that
-        speaks for the whole receiver (no answer, 429), put every delivery on hold."""
-        self.consecutive_failures += 1
+        speaks for the whole receiver (no answer, 429), put every delivery on hold until the next probe."""
         receiver_wide = result.status is None or result.status == 429
-        if not receiver_wide and self.consecutive_failures < RECEIVER_DOWN_AFTER:
-            return
-        delay = self._delay(self.consecutive_failures, result.retry_after)
-        self.backoff_until = self.clock() + timedelta(seconds=delay)
+        with self._lock:
+            self.consecutive_failures += 1
+            if not receiver_wide and self.consecutive_failures < RECEIVER_DOWN_AFTER:
+                return
+            delay = self._probe_delay(result.retry_after)
+            self.backoff_until = self.clock() + timedelta(seconds=delay)
+            self.receiver_up = False
         log.warning("receiver unavailable (%s); documents wait in the outbox; next attempt in %.0f s",
                     _reason(result), delay)
 
     def _recovered(self) -> None:
-        if self.backoff_until is not None:
-            log.info("receiver accepts documents again")
-        self.consecutive_failures = 0
-        self.backoff_until = None
+        """A document was accepted. After an outage (or in a process that had not heard from the receiver
+        yet) every queued document becomes due at once."""
+        with self._lock:
+            was = self.receiver_up
+            self.consecutive_failures = 0
+            self.backoff_until = None
+            self.receiver_up = True
+            if was is not True:
+                self._catch_up = True
+        if was is False:
+            log.info("receiver accepts documents again; every document in the outbox is due now")
 
     # -- handing over a new document ------------------------------------------------------------
 
@@ -167,44 +200,93 @@ class Delivery:
 
     # -- the outbox -----------------------------------------------------------------------------
 
-    def drain(self, budget_seconds: float) -> dict[str, int]:
-        """Send the queued documents that are due, oldest first, until none is left, the receiver looks down,
-        or the budget is spent (so new pipelines wait at most about one cycle). A document that fails again
-        waits longer (its own backoff) without holding the others back."""
+    def drain(self, budget_seconds: float, *, stop: threading.Event | None = None) -> dict[str, int]:
+        """Send the queued documents that are due, CONCURRENCY at a time, oldest first, until none is left,
+        the receiver looks down, ``stop`` is set or the budget is spent (so new pipelines wait at most about
+        one cycle). A document that fails again waits longer (its own backoff) without holding the others
+        back. While the receiver is down, or not heard from yet by this process, one document goes first as
+        a probe; once one is accepted after an outage, every queued document is due, whatever its backoff.
+        Returns how many were delivered, dead-lettered and left waiting after a failed attempt."""
         counts = {SENT: 0, DEAD_LETTER: 0, QUEUED: 0}
         self.expire()
         if self.backing_off():
             return counts
+        waiting = self.state.outbox()
+        if not waiting:
+            return counts
         deadline = self.clock() + timedelta(seconds=budget_seconds)
-        for entry in self.state.outbox(due_at=self.clock()):
-            if self.clock() >= deadline:
-                break
-            path = self.outbox_dir / entry.file
-            if not path.is_file():
-                self._lost(entry)
-                continue
-            result = self.poster.post_file(path, pipeline_id=entry.pipeline_id, project_id=entry.project_id,
-                                           idempotency_key=entry.idempotency_key)
-            if result.verdict == DELIVERED:
-                self._recovered()
-                self.state.outbox_done(entry, SENT, self.clock())
-                path.unlink(missing_ok=True)
-                counts[SENT] += 1
-                log.info("pipeline %s (project %s): delivered from the outbox after %d earlier attempt(s)",
-                         entry.pipeline_id, entry.project_id, entry.attempts)
-            elif result.verdict == REJECTED:
-                info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
-                self._dead_letter(path, info, result, reason="rejected by the receiver")
-                self.state.outbox_done(entry, DEAD_LETTER, self.clock())
-                counts[DEAD_LETTER] += 1
-            else:
-                next_attempt = self.clock() + timedelta(seconds=self._delay(entry.attempts + 1, result.retry_after))
-                self.state.outbox_attempt_failed(entry.idempotency_key, result.status, _reason(result), next_attempt)
-                self._failed(result)
-                counts[QUEUED] += 1
-                if self.backing_off():
-                    break
+        if self.receiver_up is not True:
+            # the probe: the document due soonest (ISO timestamps sort as times; ties keep the queue order)
+            for probe in sorted(waiting, key=lambda entry: entry.next_attempt_at):
+                waiting.remove(probe)
+                if self._drain_one(probe, counts) is not None:
+                    break  # a POST was made (None: its file was missing; take the next)
+            if self.backing_off() or (stop is not None and stop.is_set()):
+                return counts
+        with self._lock:
+            catch_up = self._catch_up
+        if not catch_up:
+            now = self.clock()
+            waiting = [entry for entry in waiting if parse_ts(entry.next_attempt_at) <= now]
+        if self._drain_all(waiting, counts, deadline, stop) and catch_up:
+            with self._lock:
+                self._catch_up = False  # everything that waited had its try
         return counts
+
+    def _drain_all(self, entries: list[OutboxEntry], counts: dict[str, int], deadline: datetime,
+                   stop: threading.Event | None) -> bool:
+        """``entries`` in order, CONCURRENCY at a time (the same as fresh shipping); True when every one was
+        tried, False when the receiver went down, ``stop`` was set or the budget ran out first."""
+        todo = iter(entries)
+        taking = threading.Lock()
+
+        def worker() -> None:
+            while not ((stop is not None and stop.is_set()) or self.clock() >= deadline or self.backing_off()):
+                with taking:
+                    entry = next(todo, None)
+                if entry is None:
+                    return
+                self._drain_one(entry, counts)
+
+        workers = min(self.config.concurrency, len(entries))
+        if workers <= 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="outbox") as pool:
+                futures = [pool.submit(worker) for _ in range(workers)]
+            for future in futures:
+                future.result()  # a state store error is raised here, after the others finished theirs
+        with taking:
+            return next(todo, None) is None
+
+    def _drain_one(self, entry: OutboxEntry, counts: dict[str, int]) -> str | None:
+        """POST one queued document and record the outcome; its verdict, None when its file was missing."""
+        path = self.outbox_dir / entry.file
+        if not path.is_file():
+            self._lost(entry)
+            return None
+        result = self.poster.post_file(path, pipeline_id=entry.pipeline_id, project_id=entry.project_id,
+                                       idempotency_key=entry.idempotency_key)
+        if result.verdict == DELIVERED:
+            self._recovered()
+            self.state.outbox_done(entry, SENT, self.clock())
+            path.unlink(missing_ok=True)
+            outcome = SENT
+            log.info("pipeline %s (project %s): delivered from the outbox after %d earlier attempt(s)",
+                     entry.pipeline_id, entry.project_id, entry.attempts)
+        elif result.verdict == REJECTED:
+            info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
+            self._dead_letter(path, info, result, reason="rejected by the receiver")
+            self.state.outbox_done(entry, DEAD_LETTER, self.clock())
+            outcome = DEAD_LETTER
+        else:
+            next_attempt = self.clock() + timedelta(seconds=self._delay(entry.attempts + 1, result.retry_after))
+            self.state.outbox_attempt_failed(entry.idempotency_key, result.status, _reason(result), next_attempt)
+            self._failed(result)
+            outcome = QUEUED
+        with self._lock:
+            counts[outcome] += 1
+        return result.verdict
 
     def expire(self) -> int:
         """Move documents older than OUTBOX_MAX_AGE to the dead-letter folder (kept, loudly)."""

@@ -8,7 +8,10 @@ here, in :func:`build_retry`. Every POST (after its retries) is written as one l
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ from typing import Callable, Mapping
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import InsecureRequestWarning
 from urllib3.util.retry import Retry
 
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"gitlab-log-shipper/{__version__}"
 RESPONSE_LOG_LIMIT = 1000
+# While api-requests.log cannot be written, the same problem is reported again at most this often (seconds).
+REQUEST_LOG_REPORT_EVERY = 300.0
 # The longest we let one Retry-After hold the daemon inside a single POST; beyond that the document is
 # left for a later cycle instead (a receiver asking for an hour must not freeze every other project).
 MAX_RETRY_AFTER = 120.0
@@ -48,6 +55,157 @@ class _CappedRetry(Retry):
     def get_retry_after(self, response):  # type: ignore[no-untyped-def]
         value = super().get_retry_after(response)
         return None if value is None else min(value, MAX_RETRY_AFTER)
+
+
+# -- the overall deadline of a POST attempt -----------------------------------------------------------
+#
+# ``API_POST_TIMEOUT`` as a socket timeout bounds each read and each send only: a receiver (or a proxy in
+# front of it) that sends its answer one byte every few seconds would hold a POST, and with it a worker
+# or the whole outbox drain, for as long as it likes. So every attempt (the first and each retry) also
+# has two deadlines, enforced by a watchdog thread that shuts the attempt's socket down when one passes:
+#
+# * connecting and sending the document: API_POST_TIMEOUT plus one second per MIN_UPLOAD_RATE bytes of it;
+# * the answer, from the moment the document was sent: API_POST_TIMEOUT for the status line, the headers
+#   and the part of the body that is read (the first few KB).
+#
+# An attempt cut before its status line is a failure with no answer (retried like a timeout); one cut while
+# its body trickles keeps its status (a 2xx means the receiver has the document).
+
+MIN_UPLOAD_RATE = 256 * 1024  # bytes/s: the slowest upload accepted, 2 Mbit/s (a 50 MB document: 200 s)
+_WATCH_RETRY = 0.1  # seconds between tries to cut an attempt whose socket is not connected yet
+
+
+class _Post:
+    """One ``post_file`` call: its deadlines, and whether the watchdog had to cut one of its attempts."""
+
+    def __init__(self, watchdog: "_Watchdog", send_seconds: float, answer_seconds: float) -> None:
+        self.watchdog = watchdog
+        self.send_seconds = send_seconds
+        self.answer_seconds = answer_seconds
+        self.cut = 0
+
+
+_current = threading.local()  # .post: the _Post the calling thread is in (urllib3 runs in the caller's thread)
+
+
+class _Watchdog:
+    """Shuts down the socket of every attempt whose deadline passed. One thread per poster, started on the
+    first POST; connections are armed while an attempt owns them and disarmed when they go back to the
+    pool, so a connection reused by another thread's POST is never cut for this one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[HTTPConnection, float, _Post]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, conn: HTTPConnection, post: _Post, seconds: float) -> None:
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="post-deadline", daemon=True)
+                self._thread.start()
+            self._armed[id(conn)] = (conn, time.monotonic() + seconds, post)
+            conn._gls_watchdog = self  # type: ignore[attr-defined]
+            self._cond.notify()
+
+    def answer_phase(self, conn: HTTPConnection) -> None:
+        """The document is sent: from now on the answer has API_POST_TIMEOUT in all."""
+        with self._cond:
+            entry = self._armed.get(id(conn))
+            if entry is not None and entry[0] is conn:
+                post = entry[2]
+                self._armed[id(conn)] = (conn, time.monotonic() + post.answer_seconds, post)
+                self._cond.notify()
+
+    def disarm(self, conn: HTTPConnection) -> None:
+        with self._cond:
+            entry = self._armed.get(id(conn))
+            if entry is not None and entry[0] is conn:
+                del self._armed[id(conn)]
+
+    def disarm_post(self, post: _Post) -> None:
+        with self._cond:
+            for key in [key for key, entry in self._armed.items() if entry[2] is post]:
+                del self._armed[key]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._armed.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                wake: float | None = None
+                for key, (conn, deadline, post) in list(self._armed.items()):
+                    if deadline > now:
+                        wake = deadline if wake is None else min(wake, deadline)
+                        continue
+                    sock = getattr(conn, "sock", None)
+                    if sock is None:  # still connecting (bounded by the connect timeout): try again shortly
+                        wake = now + _WATCH_RETRY if wake is None else min(wake, now + _WATCH_RETRY)
+                        continue
+                    # Under the lock, so the connection cannot go back to the pool (and to another POST)
+                    # meanwhile. The plain socket's shutdown, also for TLS: the SSL object stays with the
+                    # reading thread, whose read returns at once.
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except (OSError, TypeError):
+                        pass
+                    post.cut += 1
+                    del self._armed[key]
+                self._cond.wait(None if wake is None else max(0.0, wake - now))
+
+
+class _AnswerDeadline:
+    def getresponse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        watchdog = getattr(self, "_gls_watchdog", None)
+        if watchdog is not None:
+            watchdog.answer_phase(self)  # type: ignore[arg-type]
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineHTTPConnection(_AnswerDeadline, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_AnswerDeadline, HTTPSConnection):
+    pass
+
+
+class _Armed:
+    """A connection handed to an attempt of the current thread's POST is armed with its send deadline."""
+
+    def _get_conn(self, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        post: _Post | None = getattr(_current, "post", None)
+        if post is not None:
+            post.watchdog.arm(conn, post, post.send_seconds)
+        return conn
+
+    def _put_conn(self, conn) -> None:  # type: ignore[no-untyped-def]
+        watchdog = getattr(conn, "_gls_watchdog", None)
+        if watchdog is not None:
+            watchdog.disarm(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _DeadlineHTTPPool(_Armed, HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(_Armed, HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter, with connection pools whose attempts have the deadlines above."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
 
 
 def build_retry(config: Config) -> Retry:
@@ -127,15 +285,60 @@ def format_request_line(
 
 
 class RequestLog:
-    """Appends lines to ``api-requests.log`` (created 0600); one write per line so lines never interleave."""
+    """Appends lines to ``api-requests.log`` (created 0600); one write per line so lines never interleave.
+
+    A side channel: :meth:`write` never raises for the file system. A line that cannot be written (a full
+    disk, a file owned by another user or replaced by a folder, a backup that cannot be rotated) is
+    counted in :attr:`write_failures` and reported at ERROR once per distinct problem, repeated at most
+    every :data:`REQUEST_LOG_REPORT_EVERY` seconds while it lasts; the end of the problem is reported too.
+    A POST the receiver accepted stays delivered whatever became of its line here.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         private_mkdir(path.parent)
+        self.write_failures = 0  # lines not written (or rotations that failed) since the start; for stats
+        self._report_lock = threading.Lock()
+        self._problem: tuple[str, int | None, str | None] | None = None
+        self._problem_failures = 0  # failures since the current problem began
+        self._reported_at = 0.0
+        self._unreported = 0  # failures since the last ERROR line
 
     def write(self, line: str) -> None:
+        try:
+            self._append(line)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self._problem is not None:
+            self._repaired()
+
+    def _append(self, line: str) -> None:
         with open_private(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+    def _failed(self, exc: OSError) -> None:
+        with self._report_lock:
+            self.write_failures += 1
+            self._problem_failures += 1
+            self._unreported += 1
+            problem = (type(exc).__name__, exc.errno, exc.filename)
+            now = time.monotonic()
+            if problem == self._problem and now - self._reported_at < REQUEST_LOG_REPORT_EVERY:
+                return
+            self._problem, self._reported_at = problem, now
+            unreported, self._unreported = self._unreported, 0
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "") if exc.filename else str(self.path)
+        log.error("%s: cannot write %s (%s): POST outcomes are not logged there until this is fixed; deliveries "
+                  "are not affected (%d failed write(s) since the last report, %d in all)", self.path.name, where,
+                  exc.strerror or exc, unreported, self.write_failures)
+
+    def _repaired(self) -> None:
+        with self._report_lock:
+            if self._problem is None:
+                return
+            lost, self._problem, self._problem_failures, self._unreported = self._problem_failures, None, 0, 0
+        log.warning("%s is written again (%d write(s) had failed)", self.path, lost)
 
 
 class ApiPoster:
@@ -150,7 +353,9 @@ class ApiPoster:
         self._secrets = config.secrets()
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self.session = requests.Session()
-        adapter = HTTPAdapter(max_retries=build_retry(config))
+        self._watchdog = _Watchdog()
+        # As many pooled connections as POSTs can run at once (CONCURRENCY workers, the outbox drain too).
+        adapter = _DeadlineAdapter(max_retries=build_retry(config), pool_maxsize=max(10, config.concurrency))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # Only our headers: no proxy credentials or .netrc passwords picked up from the environment.
@@ -191,18 +396,29 @@ class ApiPoster:
         text = ""
         error: str | None = None
         retry_after: float | None = None
+        post: _Post | None = None
         try:
             with open(document, "rb") as body:
-                response = self.session.post(
-                    self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
-                )
-            status = response.status_code
-            retry_after = _retry_after(response)
-            text = _response_text(response)
+                size = os.fstat(body.fileno()).st_size
+                post = _Post(self._watchdog, self.timeout + size / MIN_UPLOAD_RATE, self.timeout)
+                _current.post = post
+                try:
+                    response = self.session.post(
+                        self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
+                    )
+                    status = response.status_code
+                    retry_after = _retry_after(response)
+                    text = _response_text(response)  # still under the answer's deadline
+                finally:
+                    _current.post = None
+                    self._watchdog.disarm_post(post)
             if not 200 <= status < 300:
                 error = response.reason or f"HTTP {status}"
         except requests.RequestException as exc:
             error = _describe(exc)
+            if post is not None and post.cut:
+                error = (f"no complete answer within {self.timeout:g} s (API_POST_TIMEOUT) of sending the document, "
+                         f"or the upload slower than {MIN_UPLOAD_RATE // 1024} KiB/s; the connection was closed ({error})")
         # What the receiver said is kept for the log and the reason, with our own tokens masked: a receiver
         # echoing the token back (in its body or reason phrase) must not get it written to disk.
         text = mask_secrets(text, self._secrets)
@@ -213,6 +429,7 @@ class ApiPoster:
         return result
 
     def close(self) -> None:
+        self._watchdog.close()
         self.session.close()
 
 
@@ -228,11 +445,18 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 def _response_text(response: requests.Response) -> str:
-    """The first bytes of the body as text, without reading a huge error page whole."""
+    """The first bytes of the body as text, without reading a huge error page whole. Read piece by piece
+    (``read1``), so that what arrived before the body broke off (or the POST's deadline cut it) is kept."""
+    limit = RESPONSE_LOG_LIMIT * 4
+    raw = b""
     try:
-        raw = response.raw.read(RESPONSE_LOG_LIMIT * 4, decode_content=True) if response.raw else b""
+        while response.raw is not None and len(raw) < limit:
+            piece = response.raw.read1(limit - len(raw), decode_content=True)
+            if not piece:
+                break
+            raw += piece
     except Exception:  # a body that breaks while being read is still a response with a status
-        raw = b""
+        pass
     finally:
         response.close()
     return raw.decode(response.encoding or "utf-8", errors="replace")[:RESPONSE_LOG_LIMIT]

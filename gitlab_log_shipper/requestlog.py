@@ -8,6 +8,8 @@
 * **logrotate**: the file is opened for every line, so after logrotate renames it the next line creates a
   new one. ``copytruncate`` is not needed, no signal either. Set ``API_REQUESTS_LOG_MAX_BYTES=0`` to leave
   rotation to logrotate alone.
+* **A side channel**: a line that cannot be written never fails a delivery; it is counted
+  (``write_failures``) and reported at ERROR once per distinct problem (see :class:`~.poster.RequestLog`).
 * **Redaction**: a receiver that echoes request headers in its answer must not put the bearer token or
   an ``API_POST_HEADERS`` value into the log; every secret of the configuration becomes ``[MASKED]``.
 """
@@ -39,11 +41,19 @@ class ManagedRequestLog(RequestLog):
         return cls(config.api_requests_log, max_bytes=config.api_requests_log_max_bytes,
                    backups=config.api_requests_log_backups, secrets=config.secrets())
 
-    def write(self, line: str) -> None:
+    def _append(self, line: str) -> None:
+        """Rotate if due, then append. A rotation that fails does not cost the line: it is appended to the
+        full file all the same, and the rotation's error is reported (see :class:`RequestLog`)."""
         with self._lock:
+            rotation_error: OSError | None = None
             if self.max_bytes:
-                self.rotate_if_full()
-            super().write(redact(line, self.secrets))
+                try:
+                    self.rotate_if_full()
+                except OSError as exc:
+                    rotation_error = exc
+            super()._append(redact(line, self.secrets))
+            if rotation_error is not None:
+                raise rotation_error
 
     def rotate_if_full(self) -> bool:
         """Rotate when the file has reached ``max_bytes``; True when this call rotated it."""

@@ -264,7 +264,7 @@ class Shipper:
         """Poll every project once. GitLab errors are logged per project and never end the cycle."""
         report = CycleReport()
         if self.delivery is not None:
-            drained = self.delivery.drain(budget_seconds=self.config.poll_interval)
+            drained = self.delivery.drain(budget_seconds=self.config.poll_interval, stop=self.stop)
             report.counts[OUTBOX_SENT] += drained[SENT]
             report.counts[OUTBOX_DEAD] += drained[DEAD_LETTER]
             if self.delivery.outbox_full():

@@ -132,3 +132,37 @@ def test_corrupt_state_store_fails_the_check(tmp_path: Path, world: World, gitla
     (tmp_path / "state" / "state.sqlite3").write_bytes(b"\x00garbage" * 512)
     result = env.invoke("check")
     assert result.exit_code == 1 and lines(result.output)["state store"].startswith("✗ ")
+
+
+def test_log_files_that_cannot_be_written_fail_the_log_dir_check(tmp_path: Path, world: World,
+                                                                  gitlab_sim: GitLabSimulator) -> None:
+    """The folder being writable is not enough: an api-requests.log (or a rotated backup, or the shipper's
+    own log) that the service user cannot write loses every line. Tests run as root, for whom permission
+    bits stop nothing, so a folder stands where the file should be: every append fails, as for a
+    root-owned file under the service user."""
+    world.add_project("app")
+    env = make_env(tmp_path, gitlab_sim, None)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "api-requests.log").write_text("an old line\n")
+    (logs / "gitlab-log-shipper.log").write_text("an old line\n")
+    (logs / "api-requests.log.2").mkdir()  # a backup that rotation cannot replace
+    found = lines(env.invoke("check").output)
+    assert found["LOG_DIR"].startswith("✗ ") and "api-requests.log.2 is not a file" in found["LOG_DIR"], found["LOG_DIR"]
+    (logs / "api-requests.log.2").rmdir()
+    (logs / "gitlab-log-shipper.log").unlink()
+    (logs / "gitlab-log-shipper.log").mkdir()
+    (logs / "gitlab-log-shipper.log" / "x").write_text("")
+    result = env.invoke("check")
+    found = lines(result.output)
+    assert result.exit_code == 1
+    assert found["LOG_DIR"].startswith("✗ ") and "gitlab-log-shipper.log is not a file" in found["LOG_DIR"]
+    assert "api-requests.log" not in found["LOG_DIR"]
+    (logs / "gitlab-log-shipper.log" / "x").unlink()
+    (logs / "gitlab-log-shipper.log").rmdir()
+    result = env.invoke("check")
+    found = lines(result.output)
+    assert result.exit_code == 0, result.output
+    assert found["LOG_DIR"].startswith("✓ ") and "api-requests.log writable" in found["LOG_DIR"]
+    assert (logs / "api-requests.log").read_text() == "an old line\n"  # checked, not changed
+    assert sorted(p.name for p in logs.iterdir()) == ["api-requests.log"]  # nothing created

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -120,3 +122,102 @@ def test_log_line_escapes_and_truncates_the_response() -> None:
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
     assert line.startswith("[2024-01-01 00:00:00] PIPELINE_ID=1 PROJECT_ID=2 URL=http://h/logs STATUS=502 DURATION=10ms ERROR=Bad Gateway RESPONSE=line1\\nline2\\r\\x1b[31m")
     assert escape_for_log("a\\nb") == "a\\\\nb"  # a literal backslash-n cannot pass for an escaped newline
+
+
+class DripServer:
+    """A loopback HTTP server that reads the whole request, then sends its answer one byte every ``every``
+    seconds from byte ``drip_from`` on: a receiver (or a proxy in front of it) that never stalls long
+    enough for a per-read timeout, yet never finishes. Counts the connections it was given."""
+
+    def __init__(self, answer: bytes, *, drip_from: int = 0, every: float = 0.25) -> None:
+        self.answer, self.drip_from, self.every = answer, drip_from, every
+        self.connections = 0
+        self.hung_up_after: list[float] = []  # seconds from the end of the request to the client's hang-up
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/logs"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            started = time.monotonic()
+            try:
+                conn.sendall(self.answer[:self.drip_from])
+                for byte in self.answer[self.drip_from:]:
+                    if self._stop.wait(self.every):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:  # the client hung up
+                self.hung_up_after.append(time.monotonic() - started)
+                return
+            conn.settimeout(1)
+            try:
+                if conn.recv(1) == b"":
+                    self.hung_up_after.append(time.monotonic() - started)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "DripServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+
+
+ANSWER_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+
+def test_a_receiver_dripping_its_headers_cannot_hold_a_post_beyond_its_deadline(tmp_path: Path) -> None:
+    body = b'{"success": true}'
+    with DripServer(ANSWER_HEAD % len(body) + body, every=0.25) as server:  # ~25 s in all, 0.25 s per byte
+        poster = make_poster(tmp_path, server.url, API_POST_TIMEOUT="1", RETRY_ATTEMPTS="0")
+        started = time.monotonic()
+        result = poster.post_file(document(tmp_path), pipeline_id=1, project_id=2, idempotency_key="k")
+        took = time.monotonic() - started
+    assert took < 3, f"the POST took {took:.1f} s with API_POST_TIMEOUT=1"
+    assert result.status is None and not result.ok
+    assert "no complete answer within 1 s (API_POST_TIMEOUT)" in result.error
+    [line] = log_lines(tmp_path)
+    assert "STATUS=0" in line and "API_POST_TIMEOUT" in line
+
+
+def test_a_receiver_dripping_its_body_is_cut_at_the_deadline_and_its_status_kept(tmp_path: Path) -> None:
+    body = b'{"success": true, "message": "' + b"x" * 200 + b'"}'
+    with DripServer(ANSWER_HEAD % len(body) + body, drip_from=len(ANSWER_HEAD % len(body)) + 5, every=0.25) as server:
+        poster = make_poster(tmp_path, server.url, API_POST_TIMEOUT="1", RETRY_ATTEMPTS="0")
+        started = time.monotonic()
+        result = poster.post_file(document(tmp_path), pipeline_id=1, project_id=2, idempotency_key="k")
+        took = time.monotonic() - started
+    assert took < 3, f"the POST took {took:.1f} s with API_POST_TIMEOUT=1"
+    assert result.status == 200 and result.ok  # the status line came: the receiver took the document
+    assert result.response_text.startswith('{"suc')  # what arrived before the cut is kept
+
+
+def test_every_attempt_has_its_own_deadline(tmp_path: Path) -> None:
+    body = b"{}"
+    with DripServer(ANSWER_HEAD % len(body) + body, every=0.25) as server:
+        poster = make_poster(tmp_path, server.url, API_POST_TIMEOUT="1", RETRY_ATTEMPTS="1")
+        started = time.monotonic()
+        result = poster.post_file(document(tmp_path), pipeline_id=1, project_id=2, idempotency_key="k")
+        took = time.monotonic() - started
+        time.sleep(0.3)
+        assert server.connections == 2 and len(server.hung_up_after) == 2
+    assert took < 5 and result.status is None
+    assert all(0.8 < after < 2 for after in server.hung_up_after), server.hung_up_after  # cut at ~1 s each time

@@ -96,7 +96,7 @@ def test_backlog_drains_after_a_long_receiver_outage(tmp_path: Path, world: Worl
         assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
 
 
-def test_backoff_honours_retry_after_and_grows(tmp_path: Path) -> None:
+def test_receiver_wide_backoff_probes_once_per_poll_interval_and_honours_retry_after(tmp_path: Path) -> None:
     now = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
     config = load_config(None, {"GITLAB_URL": "https://g.example.com", "GITLAB_TOKEN": "glpat-0123456789",
                                 "API_POST_ENABLED": "true", "API_POST_URL": "http://127.0.0.1:9/x",
@@ -108,9 +108,11 @@ def test_backoff_honours_retry_after_and_grows(tmp_path: Path) -> None:
         delivery._failed(PostResult(503, 1, "", "Service Unavailable"))
         delays.append(None if delivery.backoff_until is None else (delivery.backoff_until - now[0]).total_seconds())
     # one or two failing documents may be their own fault; from the third in a row the receiver is "down",
-    # and the pause doubles, capped by OUTBOX_RETRY_MAX
-    assert delays == [None, None, 240, 480, 600, 600]
-    assert [delivery._delay(n, None) for n in (1, 2, 3)] == [60, 120, 240]  # a document's own backoff
+    # and it is probed once per poll cycle (half of POLL_INTERVAL at most, so the next cycle probes), however
+    # long the outage: not once per OUTBOX_RETRY_MAX
+    assert delays == [None, None, 30, 30, 30, 30]
+    assert delivery.receiver_up is False
+    assert [delivery._delay(n, None) for n in (1, 2, 3, 5, 9)] == [60, 120, 240, 600, 600]  # a document's own
     delivery._recovered()
     delivery._failed(PostResult(429, 1, "", "Too Many Requests", retry_after=300))
     assert (delivery.backoff_until - now[0]).total_seconds() == 300  # a 429 holds everything, for its Retry-After
