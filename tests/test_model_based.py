@@ -402,6 +402,17 @@ class Model:
             content = (doc["pipeline_id"], doc["status"], doc["finished_at"], tuple(
                 JobState(j["job_id"], j["job_name"], j["status"], (j.get("log_content") or "").encode())
                 for j in sorted(doc["jobs"], key=lambda j: j["job_id"])))
+            flagged = {j["job_id"] for j in doc["jobs"] if "log_error" in j}
+            if flagged:
+                # A log GitLab did not serve (404/403) while the pipeline exists ships empty with log_error set (the
+                # issue allows that or a retry): such a document matches its finish in everything but those logs.
+                for finish in self.mw.pipelines.get(doc["pipeline_id"], _NoInfo).finishes:
+                    candidate = finish.content()
+                    if candidate[:3] == content[:3] and len(candidate[3]) == len(content[3]) and all(
+                            (a.id, a.name, a.status) == (b.id, b.name, b.status) and (a.log == b.log or b.id in flagged)
+                            for a, b in zip(candidate[3], content[3])):
+                        content = candidate
+                        break
             key = request.idempotency_key or ""
             keys.setdefault(key, set()).add(content)
             if 200 <= request.status < 300:
