@@ -48,6 +48,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
            "Pipelines by outcome since the state store was created (failed counts every failed attempt).",
            [(f'{{outcome="{name}"}}', totals[name]) for name in TOTALS])
     metric("cycles_total", "counter", "Poll cycles run.", [("", totals[CYCLES])])
+    metric("request_log_write_failures_total", "counter",
+           "Lines that could not be written to api-requests.log (deliveries are not affected).",
+           [("", totals.get("request_log_write_failures", 0))])
     metric("cycles_incomplete_total", "counter", "Poll cycles that left something undelivered.",
            [("", totals[INCOMPLETE_CYCLES])])
     metric("outbox_documents", "gauge", "Documents waiting in the outbox for the receiver.", [("", outbox["documents"])])

@@ -78,9 +78,11 @@ RETRY_WAITING = "retry_waiting"  # failed before; its next attempt is not due ye
 # Counted when the outbox is drained at the start of a cycle.
 OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING = "outbox_delivered", "outbox_dead_lettered", "outbox_waiting"
 OUTBOX_COUNTS = (OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING)
+REQUEST_LOG_FAILURES = "request_log_write_failures"  # api-requests.log lines that could not be written this cycle
 HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere
 TRY_AGAIN = frozenset({FAILED, CHANGED})  # kept in the retry list (state.retries) until shipped or gone
-# A pipeline that keeps failing is tried again next cycle, then after POLL_INTERVAL, twice as long each time, at most this.
+# A pipeline that keeps failing is tried again at the next two cycles, then after POLL_INTERVAL, twice as long each
+# time, at most this long.
 PIPELINE_RETRY_MAX = 3600.0
 # Latest job attempts in one of these mean the pipeline is not at rest any more, whatever its own status said.
 # ("created" is not among them: the jobs behind a blocking manual job stay created while the pipeline is manual.)
@@ -262,7 +264,17 @@ class Shipper:
 
     def run_cycle(self) -> CycleReport:
         """Poll every project once. GitLab errors are logged per project and never end the cycle."""
+        request_log = self.poster.request_log if self.poster is not None else None
+        failures_before = request_log.write_failures if request_log is not None else 0
         report = CycleReport()
+        try:
+            self._poll_all(report)
+        finally:
+            if request_log is not None and request_log.write_failures > failures_before:
+                report.counts[REQUEST_LOG_FAILURES] += request_log.write_failures - failures_before
+        return report
+
+    def _poll_all(self, report: CycleReport) -> None:
         if self.delivery is not None:
             drained = self.delivery.drain(budget_seconds=self.config.poll_interval, stop=self.stop)
             report.counts[OUTBOX_SENT] += drained[SENT]
@@ -270,14 +282,14 @@ class Shipper:
             if self.delivery.outbox_full():
                 report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
                 report.project_errors.append("outbox full: new pipelines wait in GitLab")
-                return report
+                return
         try:
             projects = self.projects()
         except GitLabSourceError as exc:
             log.error("cannot discover projects: %s", exc)
             report.project_errors.append(str(exc))
             report.gitlab_unreachable = True
-            return report
+            return
         for problem in self.missing_projects:
             # Every cycle, so that it shows in the log, in `status` and in the metrics until someone acts.
             log.error("%s is configured but cannot be read: %s; the other projects are polled as usual",
@@ -301,7 +313,6 @@ class Shipper:
             report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
         self.state.prune(self.clock())
         log.info("cycle done: %s", report.summary())
-        return report
 
     def poll_project(self, project: ProjectRef, report: CycleReport) -> None:
         started = self.clock()
@@ -409,7 +420,7 @@ class Shipper:
 
     def _keep_for_retry(self, result: ShipResult, list_row: tuple[str, str] | None) -> ShipResult:
         """A pipeline that failed (or changed while it was read) goes to the durable retry list: tried again by id on
-        its own backoff (next cycle, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by `status`, never holding the
+        its own backoff (the next two cycles, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by `status`, never holding the
         project's cursor, so the listing window stays small however long it keeps failing."""
         if result.outcome not in TRY_AGAIN or self.dry_run:
             return result
@@ -417,8 +428,8 @@ class Shipper:
         counted = result.outcome == FAILED  # a pipeline that changed under us is read again next cycle, no backoff
         before = self.state.retry_entry(result.project_id, result.pipeline_id)
         attempts = (before.attempts if before else 0) + int(counted)
-        # The first retry is due at the next cycle, then after 1, 2, 4, … poll intervals.
-        delay = min(PIPELINE_RETRY_MAX, self.config.poll_interval * 2 ** (attempts - 2)) if counted and attempts > 1 else 0.0
+        # The first two retries are due at the next cycles (most faults are brief), then after 1, 2, 4, … intervals.
+        delay = min(PIPELINE_RETRY_MAX, self.config.poll_interval * 2 ** (attempts - 3)) if counted and attempts > 2 else 0.0
         entry = self.state.record_failure(result.project_id, result.pipeline_id, list_row, result.reason, now,
                                           now + timedelta(seconds=delay), count=counted)
         if entry.attempts >= 3 and counted:

@@ -22,6 +22,7 @@ from .shipper import (
     OUTBOX_DEAD,
     OUTBOX_SENT,
     QUEUED_OUTCOME,
+    REQUEST_LOG_FAILURES,
     SHIPPED,
     CycleReport,
 )
@@ -37,7 +38,8 @@ CYCLES, INCOMPLETE_CYCLES = "cycles", "cycles_incomplete"
 
 
 def outcome_counts(config: Config, report: CycleReport) -> dict[str, int]:
-    counts = {name: report.counts[name] for name in TOTALS if name != FELL_BACK_TO_FILE and report.counts[name]}
+    counts = {name: report.counts[name] for name in (*TOTALS, REQUEST_LOG_FAILURES)
+              if name != FELL_BACK_TO_FILE and report.counts[name]}
     if config.mode == "dual":
         fell_back = report.counts[QUEUED_OUTCOME] + report.counts[DEAD_LETTERED]
         if fell_back:

@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__
 from .config import Config
 from .state import StateStore
+from .shipper import REQUEST_LOG_FAILURES
 from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
 from .timeutil import format_ts, parse_ts
 
@@ -61,7 +62,8 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
                    "oldest_age_seconds": _age(now, oldest) if oldest else None},
         "dead_letters": {"count": dead_count, "oldest_at": format_ts(dead_oldest) if dead_oldest else None,
                          "folder": str(config.state_dir / "dead-letter")},
-        "totals": {name: int(stats.get(f"count.{name}", "0")) for name in (*TOTALS, CYCLES, INCOMPLETE_CYCLES)},
+        "totals": {name: int(stats.get(f"count.{name}", "0"))
+                   for name in (*TOTALS, CYCLES, INCOMPLETE_CYCLES, REQUEST_LOG_FAILURES)},
         "gitlab_rate_limit_remaining": int(rate) if rate and rate.isdigit() else None,
         # Pipelines that failed to ship and are tried again by id on their own backoff (oldest failure first).
         "retrying": {
@@ -207,6 +209,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
     totals = snapshot["totals"]
     lines.append("totals:        " + " ".join(f"{name}={totals[name]}" for name in TOTALS)
                  + f" ({totals[CYCLES]} cycle(s), {totals[INCOMPLETE_CYCLES]} incomplete)")
+    if totals.get(REQUEST_LOG_FAILURES):
+        lines.append(f"request log:   {totals[REQUEST_LOG_FAILURES]} line(s) could not be written to api-requests.log "
+                     "(deliveries were not affected; see the ERROR lines in the log)")
     if snapshot["gitlab_rate_limit_remaining"] is not None:
         lines.append(f"GitLab API:    {snapshot['gitlab_rate_limit_remaining']} requests left in the rate-limit window "
                      "(at the last cycle)")

@@ -54,13 +54,15 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
                                      gitlab_sim: GitLabSimulator) -> None:
     rng = random.Random(20261126)
     projects = [world.add_project(f"chaos/p{i}") for i in range(3)]
-    finishes: set[tuple[int, str, str]] = set()  # (pipeline id, status, finished_at) that must arrive
+    # (pipeline id, status, finished_at) that must arrive; finished_at is None for manual pipelines (GitLab stamps
+    # it only on success/failed/canceled), which this test never plays, so each has one finish.
+    finishes: set[tuple[int, str, str | None]] = set()
     finishes_lock = threading.Lock()
 
     def record(pipeline_id: int) -> None:
         p = world.pipelines[pipeline_id]
         with finishes_lock:
-            finishes.add((p.id, p.status, format_ts(p.finished_at)))
+            finishes.add((p.id, p.status, format_ts(p.finished_at) if p.finished_at is not None else None))
 
     gitlab_sim.faults.update(error_rate=0.05, error_statuses=(502,), rate_limit=150, rate_limit_window=1.0, seed=7)
     flaky = FlakyReceiver(seed=11)
@@ -154,7 +156,7 @@ def test_nothing_is_lost_under_chaos(mode: str, chaos_seconds: float, tmp_path: 
                     record(pipeline_id)
             gitlab_sim.faults.update(error_rate=0.0, rate_limit=None)
 
-            def missing() -> set[tuple[int, str, str]]:
+            def missing() -> set[tuple[int, str, str | None]]:
                 got = {(d["pipeline_id"], d["status"], d["finished_at"]) for d in (r.json() for r in receiver.accepted())}
                 with finishes_lock:
                     return finishes - got
