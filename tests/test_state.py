@@ -1,4 +1,5 @@
-"""The SQLite state store: survives reopening, refuses a corrupt file, stays bounded."""
+"""The SQLite state store: survives reopening, refuses a corrupt, lost or unusable file, waits for and reports a busy
+one, tells a full disk apart, stays bounded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from gitlab_log_shipper.errors import StateBusy, StateError, StateFull
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
+from gitlab_log_shipper.sim.world import JobSpec, World
 from gitlab_log_shipper.state import StateStore
+
+from shipper_helpers import make_env
 
 NOW = datetime(2026, 11, 1, 12, 0, 0, 123000, tzinfo=timezone.utc)
 
@@ -195,3 +200,19 @@ def test_a_corrupt_store_exits_with_the_code_systemd_does_not_restart_on(tmp_pat
     assert {2, 3} <= prevented
     operations = (Path(__file__).resolve().parent.parent / "OPERATIONS.md").read_text()
     assert "| 3 |" in operations
+
+
+def test_commands_refuse_a_deleted_store_with_exit_3(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:
+    project = world.add_project("team/app")
+    world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    env = make_env(tmp_path, gitlab_sim, None)
+    assert env.invoke("run", "--once").exit_code == 0
+    state_dir = Path(env.values["STATE_DIR"])
+    for path in state_dir.glob("state.sqlite3*"):
+        path.unlink()
+    for args in (["run", "--once"], ["status"], ["backfill", "--since", "1d"]):
+        result = env.invoke(*args)
+        assert result.exit_code == 3, (args, result.output)
+        assert f"state store {state_dir / 'state.sqlite3'} is missing" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (state_dir / "state.sqlite3").exists()
