@@ -6,7 +6,7 @@ the work in flight gets SHUTDOWN_GRACE seconds, the spool is removed. There is n
 says so and exits 129, so that systemd's ``Restart=on-failure`` starts the daemon again with its current
 settings. The daemon exits 0 after SIGTERM/SIGINT (a requested stop); a command (``run --once``,
 ``backfill``, ``post``, ``redeliver``) exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
-A second signal stops at once, without waiting for the work in flight.
+A second SIGINT (Ctrl-C twice) stops at once, without waiting for the work in flight.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ _T = TypeVar("_T")
 
 
 class StopSignals:
-    """While entered (in the main thread): the stop signals set ``stop`` and are remembered; a second one
-    sets ``hurry`` too. The handlers that were there before come back on exit."""
+    """While entered (in the main thread): the stop signals set ``stop`` and are remembered; a second
+    SIGINT sets ``hurry`` too. The handlers that were there before come back on exit."""
 
     def __init__(self, stop: threading.Event | None = None, *, daemon: bool = False) -> None:
         self.stop = stop or threading.Event()
@@ -58,8 +58,11 @@ class StopSignals:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            log.warning("received %s again; stopping now, without waiting for the work in flight", name)
-            self.hurry.set()
+            if signum == signal.SIGINT:  # Ctrl-C twice: the person at the terminal does not want to wait
+                log.warning("received SIGINT again; stopping now, without waiting for the work in flight")
+                self.hurry.set()
+            else:  # a supervisor repeating SIGTERM does not cut the grace short
+                log.info("received %s again; still finishing the work in flight", name)
             return
         self.received = signal.Signals(signum)
         if signum == signal.SIGHUP:

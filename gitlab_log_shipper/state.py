@@ -133,7 +133,7 @@ class StateStore:
     def __init__(self, state_dir: Path, *, busy_timeout: float | None = None) -> None:
         self.path = Path(state_dir) / "state.sqlite3"
         self.marker = Path(state_dir) / MARKER_NAME
-        self.busy_timeout = BUSY_TIMEOUT if busy_timeout is None else busy_timeout
+        self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -151,6 +151,13 @@ class StateStore:
         except BaseException:
             self._db.close()
             raise
+
+    _busy_timeout: float | None = None
+
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds a change waits for another process's write lock (BUSY_TIMEOUT unless given)."""
+        return BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
 
     def _open(self) -> None:
         with self._lock:

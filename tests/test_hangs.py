@@ -34,10 +34,10 @@ BUSY_TIMEOUT = 0.5
 GRACE = 2.0
 
 
-def start(env: Env, *args: str, **extra_env: str) -> "subprocess.Popen[str]":
+def start(env: Env, *args: str, grace: float = GRACE, **extra_env: str) -> "subprocess.Popen[str]":
     (env.tmp / "empty.env").touch()
     return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(BUSY_TIMEOUT), str(GRACE), "--env-file", str(env.tmp / "empty.env"), *args],
+        [sys.executable, "-c", LAUNCHER, str(BUSY_TIMEOUT), str(grace), "--env-file", str(env.tmp / "empty.env"), *args],
         env={**os.environ, **env.values, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -187,4 +187,23 @@ def test_sighup_stops_the_daemon_with_a_log_line_and_removes_its_spool(
     assert "received SIGHUP" in output and "no reload" in output
     assert "Traceback" not in output
     assert not spool.exists()
+    assert_lock_free(env)
+
+
+def test_ctrl_c_twice_stops_at_once(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator,
+                                    receiver: Receiver) -> None:
+    pipelines(world, 12, jobs=3)
+    env = make_env(tmp_path, gitlab_sim, receiver, CONCURRENCY="2")
+    gitlab_sim.faults.latency = 0.3
+    proc = start(env, "run", "--once", grace=60)  # the work in flight would get a minute
+    spool = Path(env.values["STATE_DIR"]) / "spool" / str(proc.pid)
+    wait_until(lambda: gitlab_sim.counters["trace"] > 0, 30, "the first log download")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    status, output, took = finish(proc, timeout=30)
+    assert status == 130, output
+    assert took < 10, output
+    assert "received SIGINT again; stopping now" in output and "stopped by SIGINT" in output
+    assert "Traceback" not in output and not spool.exists()
     assert_lock_free(env)
