@@ -93,17 +93,10 @@ def _locked(config: Config) -> Iterator[None]:
         lock.release()
 
 
-@contextmanager
-def _stop_signals(*, daemon: bool = False) -> Iterator[StopSignals]:
-    """SIGTERM, SIGINT and SIGHUP stop the command gracefully (instead of click's "Aborted!" while worker
-    threads keep the process alive); pass ``signals.stop`` to the Shipper."""
-    with StopSignals(daemon=daemon) as signals:
-        yield signals
-
-
 def _run_work(shipper: Shipper, signals: StopSignals, work: Callable[[], int]) -> NoReturn:
-    """Run a command's ``work`` (returning its exit code) so that a signal stops it within SHUTDOWN_GRACE;
-    exit with its code, or with 128 + the signal when one stopped it."""
+    """Run a command's ``work`` (returning its exit code) so that SIGINT, SIGTERM or SIGHUP stop it within
+    SHUTDOWN_GRACE (not click's "Aborted!" while pool threads keep the process alive); exit with its code,
+    or with 128 + the signal when one stopped it. The Shipper must have been given ``signals.stop``."""
     code = run_in_worker(shipper, work, signals=signals)
     farewell = signals.farewell()
     if farewell:
@@ -170,13 +163,13 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
     """
     config, options = _dry_run(ctx, dry_run, show_document)
     if dry_run:  # no lock: it writes nothing, so it may run next to the daemon
-        with _stop_signals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+        with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
             def dry_cycle() -> int:
                 report = shipper.run_cycle()
                 _print_report(report, err=show_document)
                 return 0 if report.complete else 1
             _run_work(shipper, signals, dry_cycle)
-    with _stop_signals(daemon=not once) as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
+    with StopSignals(daemon=not once) as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
         ops = Operations(config, shipper, None if once else Notifier.from_environ(os.environ))
         if once:
             def one_cycle() -> int:
@@ -220,7 +213,7 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
     if since > until:
         raise click.BadParameter("--since is after --until", param_hint="--since")
     config, options = _dry_run(ctx, dry_run, show_document)
-    with _stop_signals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+    with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
         def work() -> int:
             projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
             click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)"
@@ -245,7 +238,7 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
 def post(ctx: click.Context, pipeline_id: int, project_ref: str | None, dry_run: bool, show_document: bool) -> None:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
     config, options = _dry_run(ctx, dry_run, show_document)
-    with _stop_signals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+    with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
         def work() -> int:
             result = shipper.post_pipeline(pipeline_id, project_ref)
             single = CycleReport()
@@ -264,7 +257,7 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
     config = _load(ctx)
     if not config.posts:
         raise click.UsageError("redeliver needs API_POST_ENABLED=true")
-    with _stop_signals() as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
+    with StopSignals() as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
         delivery = shipper.delivery
         assert delivery is not None
 

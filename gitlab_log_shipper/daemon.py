@@ -47,6 +47,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # signal.signal() works nowhere else
             for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us (nohup: SIGHUP; `cmd &` in a script: SIGINT)
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -121,7 +123,7 @@ def run_in_worker(shipper: Shipper, work: Callable[[], _T], hooks: CycleHooks | 
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
 
-    worker = threading.Thread(target=target, name="poll-cycle", daemon=True)
+    worker = threading.Thread(target=target, name=getattr(work, "__name__", "work"), daemon=True)
     worker.start()
     stopping = False
     while worker.is_alive():

@@ -207,3 +207,23 @@ def test_ctrl_c_twice_stops_at_once(tmp_path: Path, world: World, gitlab_sim: Gi
     assert "received SIGINT again; stopping now" in output and "stopped by SIGINT" in output
     assert "Traceback" not in output and not spool.exists()
     assert_lock_free(env)
+
+
+def test_nohup_keeps_the_daemon_running_through_a_hangup(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator,
+                                                          receiver: Receiver) -> None:
+    pipelines(world, 1, jobs=1)
+    env = make_env(tmp_path, gitlab_sim, receiver)
+    (env.tmp / "empty.env").touch()
+    proc = subprocess.Popen(  # as `nohup gitlab-log-shipper run &` starts it: SIGHUP ignored
+        [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(env.tmp / "empty.env"), "run"],
+        env={**os.environ, **env.values}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    receiver.wait_for(1, timeout=20)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    status, output, _ = finish(proc, timeout=GRACE + 10)
+    assert running, output
+    assert status == 0 and "received SIGHUP" not in output, output
