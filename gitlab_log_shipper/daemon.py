@@ -98,7 +98,7 @@ class CycleHooks:
         """A cycle ran to its end."""
 
     def cycle_failed(self, error: BaseException) -> None:
-        """A cycle ended with an unexpected error (the daemon goes on)."""
+        """A cycle ended with an error (unexpected, or a busy or full state store); the daemon goes on."""
 
     def tick(self) -> None:
         """Called at least once a second, also while a cycle runs in its worker thread (the watchdog)."""
@@ -112,7 +112,7 @@ def run_in_worker(shipper: Shipper, work: Callable[[], _T], hooks: CycleHooks | 
                   signals: StopSignals | None = None) -> _T | None:
     """``work()`` in a worker thread, so that the main thread answers signals within SHUTDOWN_GRACE even
     while a trace download or a POST is in flight. None when ``shipper.stop`` was set and the work was cut
-    short. Work still running when the grace is over (or at a second signal) is abandoned: the spool is
+    short. Work still running when the grace is over (or at a second SIGINT) is abandoned: the spool is
     removed and the process exits with ``signals.exit_code()``."""
     hooks = hooks or CycleHooks()
     box: dict[str, Any] = {}

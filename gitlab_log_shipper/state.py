@@ -231,6 +231,8 @@ class StateStore:
         if code == sqlite3.SQLITE_IOERR:
             return StateError(f"state store {self.path}: the disk or file system reported an I/O error ({exc}); "
                               f"check it (dmesg) before anything else. If the store itself is damaged: {RECOVERY_HINT}")
+        if code == 0:  # not from the SQLite library (a closed connection, a misuse): no advice to give
+            return StateError(f"state store {self.path}: {exc}")
         return StateError(f"state store {self.path} is unreadable or corrupt ({exc}). {RECOVERY_HINT}")
 
     def _os_error(self, exc: OSError) -> StateError:
