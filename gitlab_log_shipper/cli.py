@@ -1,7 +1,10 @@
 """The command line: a thin click layer over :class:`~gitlab_log_shipper.shipper.Shipper`.
 
 Each command parses, calls one library function and formats the result. This is the one place where
-:class:`ShipperError` becomes a message and an exit code: 0 ok, 1 runtime failure, 2 usage or config.
+:class:`ShipperError` becomes a message and an exit code: 0 ok, 1 runtime failure, 2 usage or config,
+3 a state store that cannot be used; 128 + the signal's number when a signal stopped a command (130 for
+SIGINT). Commands that do real work run it in a worker thread (:func:`~gitlab_log_shipper.daemon.run_in_worker`)
+so that a signal stops them within SHUTDOWN_GRACE.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import click
 from . import __version__
 from .check import Check, run_checks
 from .config import Config, load_config, parse_duration, prepare_directories
-from .daemon import install_signal_handlers, run_forever
+from .daemon import StopSignals, run_forever, run_in_worker
 from .dryrun import Preview
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
@@ -30,7 +33,7 @@ from .progress import BackfillProgress
 from .logsetup import setup_logging, stderr_is_journal
 from .security import startup_warnings, tightened_umask
 from .shipper import SHIPPED, WOULD_SHIP, CycleReport, ShipResult, Shipper
-from .state import StateStore
+from .state import MARKER_NAME, StateStore
 from .stats import record_run
 from .status import collect, empty, render
 from .timeutil import parse_ts, utcnow
@@ -90,6 +93,18 @@ def _locked(config: Config) -> Iterator[None]:
         lock.release()
 
 
+def _run_work(shipper: Shipper, signals: StopSignals, work: Callable[[], int]) -> NoReturn:
+    """Run a command's ``work`` (returning its exit code) so that SIGINT, SIGTERM or SIGHUP stop it within
+    SHUTDOWN_GRACE (not click's "Aborted!" while pool threads keep the process alive); exit with its code,
+    or with 128 + the signal when one stopped it. The Shipper must have been given ``signals.stop``."""
+    code = run_in_worker(shipper, work, signals=signals)
+    farewell = signals.farewell()
+    if farewell:
+        click.echo(farewell, err=True)
+        sys.exit(signals.exit_code())
+    sys.exit(code if code is not None else 1)
+
+
 def _parse_when(value: str, option: str, now: datetime) -> datetime:
     """``--since``/``--until``: ISO 8601 (date or date-time, UTC when no offset) or a duration ago (``2d``)."""
     ago = parse_duration(value)
@@ -111,7 +126,8 @@ def main(ctx: click.Context, env_file: str | None) -> None:
     """Ship every finished GitLab CI pipeline, with every job's log, to a log API and/or files.
 
     Configuration comes from the environment and .env; see .env.example for every variable.
-    Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+    Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 unusable state store,
+    128 + N stopped by signal N (130: SIGINT). See OPERATIONS.md, "Exit codes".
     """
     ctx.ensure_object(dict)
     ctx.obj["env_file"] = env_file
@@ -147,28 +163,34 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
     """
     config, options = _dry_run(ctx, dry_run, show_document)
     if dry_run:  # no lock: it writes nothing, so it may run next to the daemon
-        with _shipper(config, **options) as shipper:
-            report = shipper.run_cycle()
-            _print_report(report, err=show_document)
-            sys.exit(0 if report.complete else 1)
-    with _locked(config), _shipper(config) as shipper:
-        if shipper.delivery is not None:
-            shipper.delivery.reconcile()
+        with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+            def dry_cycle() -> int:
+                report = shipper.run_cycle()
+                _print_report(report, err=show_document)
+                return 0 if report.complete else 1
+            _run_work(shipper, signals, dry_cycle)
+    with StopSignals(daemon=not once) as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
         ops = Operations(config, shipper, None if once else Notifier.from_environ(os.environ))
         if once:
-            ops.cycle_started()
-            report = shipper.run_cycle()
-            ops.cycle_finished(report)
-            _print_report(report)
-            sys.exit(0 if report.complete else 1)
+            def one_cycle() -> int:
+                if shipper.delivery is not None:
+                    shipper.delivery.reconcile()
+                ops.cycle_started()
+                report = shipper.run_cycle()
+                ops.cycle_finished(report)
+                _print_report(report)
+                return 0 if report.complete else 1
+            _run_work(shipper, signals, one_cycle)
+        if shipper.delivery is not None:
+            shipper.delivery.reconcile()
         try:
             faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
         except (AttributeError, ValueError, OSError):
             pass  # stderr is not a real file (embedded, tests): no stack dumps, nothing else changes
-        install_signal_handlers(shipper.stop)
         ops.ready()
-        run_forever(shipper, config.poll_interval, hooks=ops)
+        run_forever(shipper, config.poll_interval, hooks=ops, signals=signals)
         ops.stopping()
+    sys.exit(signals.exit_code())  # 0 after SIGTERM/SIGINT; 129 after SIGHUP, so that systemd starts it again
 
 
 @main.command()
@@ -191,18 +213,21 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
     if since > until:
         raise click.BadParameter("--since is after --until", param_hint="--since")
     config, options = _dry_run(ctx, dry_run, show_document)
-    with _shipper(config, **options) as shipper:
-        projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
-        click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)"
-                   + (" (dry run)" if dry_run else ""), err=True)
-        progress = BackfillProgress(sys.stderr if show_document else sys.stdout, sys.stderr, describe=_describe)
-        try:
-            report = shipper.backfill(since, until, projects, force=force, progress=progress, planned=progress.planned)
-        finally:
-            progress.finish()
-        record_run(shipper.state, shipper.config, report)
-        _print_report(report, each=False, err=show_document)
-        sys.exit(0 if report.complete else 1)
+    with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+        def work() -> int:
+            projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
+            click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)"
+                       + (" (dry run)" if dry_run else ""), err=True)
+            progress = BackfillProgress(sys.stderr if show_document else sys.stdout, sys.stderr, describe=_describe)
+            try:
+                report = shipper.backfill(since, until, projects, force=force, progress=progress,
+                                          planned=progress.planned)
+            finally:
+                progress.finish()
+            record_run(shipper.state, shipper.config, report)
+            _print_report(report, each=False, err=show_document)
+            return 0 if report.complete else 1
+        _run_work(shipper, signals, work)
 
 
 @main.command()
@@ -213,13 +238,15 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
 def post(ctx: click.Context, pipeline_id: int, project_ref: str | None, dry_run: bool, show_document: bool) -> None:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
     config, options = _dry_run(ctx, dry_run, show_document)
-    with _shipper(config, **options) as shipper:
-        result = shipper.post_pipeline(pipeline_id, project_ref)
-        single = CycleReport()
-        single.add(result)
-        record_run(shipper.state, shipper.config, single)
-        _print_progress(result, err=show_document)
-        sys.exit(0 if result.outcome in (SHIPPED, WOULD_SHIP) else 1)
+    with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+        def work() -> int:
+            result = shipper.post_pipeline(pipeline_id, project_ref)
+            single = CycleReport()
+            single.add(result)
+            record_run(shipper.state, shipper.config, single)
+            _print_progress(result, err=show_document)
+            return 0 if result.outcome in (SHIPPED, WOULD_SHIP) else 1
+        _run_work(shipper, signals, work)
 
 
 @main.command()
@@ -230,15 +257,19 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
     config = _load(ctx)
     if not config.posts:
         raise click.UsageError("redeliver needs API_POST_ENABLED=true")
-    with _locked(config), _shipper(config) as shipper:
-        assert shipper.delivery is not None
-        results = shipper.delivery.redeliver(pipeline_id)
-        for meta, post in results:
-            verdict = "delivered" if post.ok else f"still failing: {post.status or 'no answer'} {post.error or ''}".strip()
-            click.echo(f"pipeline {meta['pipeline_id']} (project {meta['project_id']}): {verdict}")
-        left = len(shipper.delivery.dead_letters())
-        click.echo(f"summary: redelivered={sum(1 for _, p in results if p.ok)} dead_letters_left={left}")
-        sys.exit(0 if all(p.ok for _, p in results) else 1)
+    with StopSignals() as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
+        delivery = shipper.delivery
+        assert delivery is not None
+
+        def work() -> int:
+            results = delivery.redeliver(pipeline_id)
+            for meta, post in results:
+                verdict = "delivered" if post.ok else f"still failing: {post.status or 'no answer'} {post.error or ''}".strip()
+                click.echo(f"pipeline {meta['pipeline_id']} (project {meta['project_id']}): {verdict}")
+            left = len(delivery.dead_letters())
+            click.echo(f"summary: redelivered={sum(1 for _, p in results if p.ok)} dead_letters_left={left}")
+            return 0 if all(p.ok for _, p in results) else 1
+        _run_work(shipper, signals, work)
 
 
 @main.command()
@@ -289,8 +320,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Cursors, last shipments, outbox, dead letters, last cycle and totals, read from STATE_DIR (no network)."""
     config = _load(ctx, log_file=False)
     now = utcnow()
-    if not (config.state_dir / "state.sqlite3").is_file():
-        snapshot = empty(config)
+    if not (config.state_dir / "state.sqlite3").is_file() and not (config.state_dir / MARKER_NAME).exists():
+        snapshot = empty(config)  # nothing ran yet (a store that was lost is an error: StateStore says so)
     else:
         try:
             state = StateStore(config.state_dir)

@@ -39,4 +39,24 @@ class DeliveryError(ShipperError):
 
 
 class StateError(ShipperError):
-    """The state store in STATE_DIR is unreadable, corrupt or locked."""
+    """The state store in STATE_DIR cannot be used: corrupt, unreadable, not writable, missing after it
+    existed, or written by a newer version. A restart cannot fix that, so it exits 3, which the systemd
+    unit does not restart on (``RestartPreventExitStatus=``); the message names the path and the way out."""
+
+    exit_code = 3
+
+
+class StateUnavailable(StateError):
+    """The store is sound but cannot take a change right now (busy, or a full disk). Nothing was written
+    (the transaction was rolled back): the daemon tries again on its next cycle; a command exits 1 and can
+    simply be run again."""
+
+    exit_code = 1
+
+
+class StateBusy(StateUnavailable):
+    """Another process held the store's write lock for longer than the busy timeout."""
+
+
+class StateFull(StateUnavailable):
+    """The file system of STATE_DIR is full (SQLITE_FULL, ENOSPC)."""

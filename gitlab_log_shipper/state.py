@@ -17,14 +17,17 @@ What is stored:
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
-from .errors import StateError
+from .errors import StateBusy, StateError, StateFull
 from .timeutil import format_ts, parse_ts
 
 SCHEMA_VERSION = 1
@@ -95,6 +98,24 @@ RECOVERY_HINT = (
     "INITIAL_LOOKBACK covering the time since the last good run; pipelines shipped twice carry the same "
     "Idempotency-Key. See OPERATIONS.md, 'Recovering the state store'."
 )
+# How long a change waits for another process's write lock on the store (a `backfill` or `post` next to
+# the daemon holds it for milliseconds; an sqlite3 shell or a backup tool may hold it for long) before
+# it fails with StateBusy, which the daemon treats as a failed cycle and tries again on the next one.
+BUSY_TIMEOUT = 15.0
+_BUSY_POLL = 0.05  # seconds between attempts while busy; SQLite's own wait is kept as short (see _retrying)
+# Written beside the store once it exists: while it is there, a missing or empty state.sqlite3 is lost
+# state (refused), not a first start. Removing it with the store is the deliberate way to start over.
+MARKER_NAME = "state.created"
+START_OVER_HINT = (
+    "Restore state.sqlite3 from a backup, or, to start over on purpose (pipelines in INITIAL_LOOKBACK are "
+    "shipped again with the same Idempotency-Key, older ones are not), stop the shipper and move "
+    "state.sqlite3*, outbox/ and {marker} aside. See OPERATIONS.md, 'Recovering the state store'."
+)
+_T = TypeVar("_T")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 @dataclass(frozen=True)
@@ -146,12 +167,37 @@ class SeenRow:
 class StateStore:
     """The shipper's persistent memory. Safe to share between threads (one connection, one lock)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, busy_timeout: float | None = None) -> None:
         self.path = Path(state_dir) / "state.sqlite3"
+        self.marker = Path(state_dir) / MARKER_NAME
+        self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._refuse_lost_store()
+            # SQLite's own busy wait holds our lock and cannot be interrupted; keep it short and wait in
+            # _retrying instead, without the lock, up to busy_timeout.
+            self._db = sqlite3.connect(self.path, timeout=_BUSY_POLL, isolation_level=None, check_same_thread=False)
+        except sqlite3.DatabaseError as exc:
+            raise self._error(exc) from exc
+        except OSError as exc:
+            raise self._os_error(exc) from exc
+        try:
+            self._retrying(self._open)
+            self._write_marker()
+        except BaseException:
+            self._db.close()
+            raise
+
+    _busy_timeout: float | None = None
+
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds a change waits for another process's write lock (BUSY_TIMEOUT unless given)."""
+        return BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
+
+    def _open(self) -> None:
+        with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
@@ -166,45 +212,145 @@ class StateStore:
                     f"state store {self.path} was written by a newer gitlab-log-shipper "
                     f"(schema {row[0]} > {SCHEMA_VERSION}); upgrade, or roll back the state folder too"
                 )
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"state store {self.path} is unreadable or corrupt ({exc}). {RECOVERY_HINT}") from exc
-        except OSError as exc:
-            raise StateError(f"cannot open state store {self.path}: {exc.strerror or exc}") from exc
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    def _refuse_lost_store(self) -> None:
+        """A store that existed (its marker says so) and is now missing or empty is lost state: starting
+        over silently would ship history again or skip it."""
+        if not self.marker.exists():
+            return
+        try:
+            if self.path.stat().st_size > 0:
+                return
+            what = "is empty (0 bytes)"
+        except FileNotFoundError:
+            what = "is missing"
+        raise StateError(f"state store {self.path} {what}, but {self.marker} shows that one was in use here; "
+                         f"refusing to start over without cursors. {START_OVER_HINT.format(marker=MARKER_NAME)}")
+
+    def _write_marker(self) -> None:
+        if self.marker.exists():
+            return
+        text = ("gitlab-log-shipper keeps its state in state.sqlite3 beside this file. While this file exists, a\n"
+                "missing or empty state.sqlite3 is refused instead of silently starting over.\n"
+                "See OPERATIONS.md, 'Recovering the state store'.\n")
+        temporary = self.marker.with_name(f".{MARKER_NAME}.{os.getpid()}")
+        try:
+            with open(temporary, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.marker)
+            directory = os.open(self.marker.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise self._os_error(exc) from exc
+
+    def _error(self, exc: sqlite3.Error) -> StateError:
+        """The StateError that tells the operator what an SQLite error means for them."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code (SQLITE_BUSY, not _SNAPSHOT)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StateBusy(
+                f"state store {self.path} is busy: another process held its write lock for more than "
+                f"{self.busy_timeout:g} s (a backfill or post, an sqlite3 shell, a backup). Nothing was written; "
+                "the daemon tries again on its next cycle, a command can simply be run again")
+        if code == sqlite3.SQLITE_FULL:
+            return self._full(str(exc))
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_AUTH):
+            return StateError(
+                f"state store {self.path} cannot be opened for writing ({exc}): check that STATE_DIR and the "
+                "files in it belong to the user the shipper runs as, and that the file system is mounted read-write")
+        if code == sqlite3.SQLITE_IOERR:
+            return StateError(f"state store {self.path}: the disk or file system reported an I/O error ({exc}); "
+                              f"check it (dmesg) before anything else. If the store itself is damaged: {RECOVERY_HINT}")
+        if code == 0:  # not from the SQLite library (a closed connection, a misuse): no advice to give
+            return StateError(f"state store {self.path}: {exc}")
+        return StateError(f"state store {self.path} is unreadable or corrupt ({exc}). {RECOVERY_HINT}")
+
+    def _os_error(self, exc: OSError) -> StateError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self._full(exc.strerror or str(exc))
+        return StateError(f"cannot open state store {self.path}: {exc.strerror or exc}")
+
+    def _full(self, detail: str) -> StateFull:
+        return StateFull(
+            f"state store {self.path}: the file system is full ({detail}). Nothing was written and the store is "
+            "intact; free space where STATE_DIR lives (spool/ and outbox/ in it can be large). The daemon tries "
+            "again on its next cycle")
+
+    def _retrying(self, action: Callable[[], _T]) -> _T:
+        """``action`` (which takes the lock itself), tried again while SQLite answers busy, for up to
+        busy_timeout; every SQLite error leaves as a StateError. The waits happen without the lock, so a
+        thread waiting here never blocks the others (nor close()) for longer than one short attempt."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return action()
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise self._error(exc) from exc
+            time.sleep(_BUSY_POLL)
+
     class _Tx:
+        """``with store._tx() as db:`` one write transaction (BEGIN IMMEDIATE … COMMIT), under the store's
+        lock; an error rolls it back and leaves as a StateError, and the lock is released however it ends."""
+
         def __init__(self, store: "StateStore") -> None:
             self.store = store
 
         def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            self.store._db.execute("BEGIN IMMEDIATE")
+            self.store._retrying(self._begin)
             return self.store._db
 
-        def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        def _begin(self) -> None:
+            self.store._lock.acquire()
             try:
-                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()  # not held while waiting, never leaked when BEGIN fails
+                raise
+
+        def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+            db = self.store._db
+            try:
+                if exc_type is None:
+                    try:
+                        db.execute("COMMIT")
+                        return
+                    except sqlite3.Error as commit_error:
+                        exc = commit_error
+                self._rollback()
             finally:
                 self.store._lock.release()
+            if isinstance(exc, sqlite3.Error):
+                raise self.store._error(exc) from exc
+
+        def _rollback(self) -> None:
+            db = self.store._db
+            if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL, an I/O error)
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # nothing more to undo; the next BEGIN will say if the connection is unusable
 
     def _tx(self) -> "StateStore._Tx":
         return StateStore._Tx(self)
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock:
-            try:
+        def read() -> list[tuple]:
+            with self._lock:
                 return self._db.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise StateError(f"state store {self.path}: {exc}. {RECOVERY_HINT}") from exc
+        return self._retrying(read)
 
     def _write(self, statements: list[tuple[str, tuple]]) -> None:
-        try:
-            with self._tx() as db:
-                for sql, params in statements:
-                    db.execute(sql, params)
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"state store {self.path}: {exc}. {RECOVERY_HINT}") from exc
+        with self._tx() as db:
+            for sql, params in statements:
+                db.execute(sql, params)
 
     def close(self) -> None:
         with self._lock:

@@ -58,12 +58,13 @@ def test_every_command_has_its_codes(tmp_path: Path, world: World, gitlab_sim: G
         assert "Traceback" not in result.output
 
 
-def test_corrupt_state_is_a_runtime_failure_everywhere(tmp_path: Path, gitlab_sim: GitLabSimulator) -> None:
+def test_corrupt_state_is_exit_3_everywhere(tmp_path: Path, gitlab_sim: GitLabSimulator) -> None:
+    """3: a store that cannot be used, which the systemd unit does not restart on (`check` just fails a check)."""
     env = make_env(tmp_path, gitlab_sim, None)
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.sqlite3").write_bytes(b"\x00garbage" * 512)
-    for args in (["run", "--once"], ["backfill", "--since", "1d"], ["status"], ["check"]):
-        assert env.invoke(*args).exit_code == 1, args
+    for args, code in ((["run", "--once"], 3), (["backfill", "--since", "1d"], 3), (["status"], 3), (["check"], 1)):
+        assert env.invoke(*args).exit_code == code, args
 
 
 def test_a_real_process_exits_with_them(tmp_path: Path, gitlab_sim: GitLabSimulator) -> None:

@@ -84,5 +84,5 @@ def test_status_before_any_run_and_on_a_corrupt_store(tmp_path: Path, gitlab_sim
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "state.sqlite3").write_bytes(b"\x00garbage" * 512)
     broken = env.invoke("status")
-    assert broken.exit_code == 1 and "corrupt" in broken.output and "Traceback" not in broken.output
+    assert broken.exit_code == 3 and "corrupt" in broken.output and "Traceback" not in broken.output
     assert env.invoke("status", GITLAB_URL="ftp://x").exit_code == 2
