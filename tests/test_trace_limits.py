@@ -357,3 +357,25 @@ def test_the_streamed_cut_equals_truncate_log(case: tuple[bytes, int, list[int]]
         assert truncated == truncate_log(source, expected, keep, "MAX_JOB_LOG_BYTES")
         assert path.read_bytes() == (expected.read_bytes() if truncated else data)
         assert sorted(p.name for p in folder.iterdir()) == sorted(["job.log", "source.log", *(["expected.log"] * truncated)])
+
+
+def test_a_log_over_the_cap_whose_masked_form_fits_ships_whole(tmp_path: Path, world: World,
+                                                               gitlab_sim: GitLabSimulator) -> None:
+    """The cap applies to the masked log. Before, a raw log just over MAX_JOB_LOG_BYTES whose masked form
+    fitted failed its pipeline on every cycle (the cut file that truncate_log did not write was renamed)."""
+    secret_line = "token glpat-" + "Z" * 30 + "\n"  # 43 bytes, 15 once masked
+    filler = "".join(f"step {i:05d} ok\n" for i in range(4000))  # 56,000 bytes
+    raw = (secret_line * 300 + filler).encode()[: 64 * 1024 + 1000]
+    assert len(raw) > 64 * 1024
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("job", "test", "success", log=raw)])
+    config = _config(tmp_path, gitlab_sim, MAX_JOB_LOG_BYTES="64K", LOG_REDACT_PATTERNS="default")
+    shipper = Shipper(config)
+    try:
+        report = shipper.run_cycle()
+    finally:
+        shipper.close()
+    assert [(r.outcome, r.log_bytes) for r in report.results] == [(SHIPPED, len(raw))], report.results
+    [log_file] = config.log_output_dir.glob(f"*/pipeline_{pipeline.id}/job_*_job.log")
+    masked, _ = Redactor(parse_patterns("default")).redact_bytes(raw)
+    assert len(masked) < 64 * 1024 and log_file.read_bytes() == masked
