@@ -111,6 +111,7 @@ class Watch:
         self.raw = raw
         self.fired = False
         self.cancelled = False
+        self.in_heap = True  # the watchdog's bookkeeping
         self._connection = getattr(raw, "_connection", None)
 
     def cancel(self) -> None:
@@ -164,10 +165,14 @@ class Watchdog:
                 return
             watch.cancelled = True
             watch.raw = None
+            if not watch.in_heap:
+                return
             self._stale += 1
             # A download is usually over long before its deadline: drop the dead entries now and then
             # rather than let the heap hold every download of the last JOB_LOG_TIMEOUT.
             if self._stale > 64 and 2 * self._stale > len(self._heap):
+                for entry in self._heap:
+                    entry[2].in_heap = not entry[2].cancelled
                 self._heap = [entry for entry in self._heap if not entry[2].cancelled]
                 heapq.heapify(self._heap)
                 self._stale = 0
@@ -176,7 +181,7 @@ class Watchdog:
         while True:
             with self._cond:
                 while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
+                    heapq.heappop(self._heap)[2].in_heap = False
                     self._stale -= 1
                 if not self._heap:
                     self._cond.wait()
@@ -186,6 +191,7 @@ class Watchdog:
                     self._cond.wait(delay)
                     continue
                 _, _, watch = heapq.heappop(self._heap)
+                watch.in_heap = False
                 # fired under the lock, so a download that just ended (disarm) is never shut down
                 try:
                     watch.fire()
