@@ -114,6 +114,7 @@ class Config:
     metrics_textfile: Path | None = None  # Prometheus textfile, rewritten after every cycle
 
     ignored_variables: tuple[str, ...] = ()
+    job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
 
     @property
     def mode(self) -> str:
@@ -507,6 +508,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         log_format=log_format,
         metrics_textfile=metrics_textfile,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
+        job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
     )
 
 

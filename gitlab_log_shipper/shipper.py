@@ -572,16 +572,16 @@ class Shipper:
         # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
         if job.get("started_at") is None:
             return JobLog(job_fields(job), None)
+        from .spool import CappedLog  # (here while shipper.py is rewritten elsewhere; belongs with the imports)
+
         log_path = spool / f"job-{job['id']}.log"
-        with open(log_path, "w+b") as out:
-            size = self.source.fetch_trace(project.id, int(job["id"]), out)
-        if self.redactor:  # masked in the spool, so the document and the files both get the masked log
-            self.redactor.redact_file(log_path, what=f"pipeline {pipeline_id}: log of job {job['id']}")
-        truncated = False
-        if size > self.config.max_job_log_bytes:
-            cut = spool / f"job-{job['id']}.cut.log"
-            truncated = truncate_log(log_path, cut, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES")
-            os.replace(cut, log_path)
+        # Masked and cut while it streams in: the spool never holds more than MAX_JOB_LOG_BYTES of it.
+        with CappedLog(log_path, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES",
+                       patterns=self.redactor.patterns if self.redactor else (),
+                       what=f"pipeline {pipeline_id}: log of job {job['id']}") as sink:
+            size = self.source.fetch_trace(project.id, int(job["id"]), sink, timeout=self.config.job_log_timeout)
+            truncated = sink.finish()
+        if truncated:
             log.warning("job %s (pipeline %s): log of %d bytes cut to MAX_JOB_LOG_BYTES=%d", job["id"], pipeline_id,
                         size, self.config.max_job_log_bytes)
         return JobLog(job_fields(job), log_path, size, truncated)

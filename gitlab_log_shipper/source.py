@@ -15,6 +15,7 @@ import email.utils
 import logging
 import ssl
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,9 +31,12 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .config import Config
+from .download import WATCHDOG, BodyCopy, DeadlineExceeded, Watch, format_seconds
+from .download import restart as restart_sink
 from .errors import GitLabSourceError
 from .ratelimit import Throttle
 from .security import escape_controls, mask_secrets
+from .spool import LogSink
 from .timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
@@ -512,32 +516,61 @@ class GitLabSource:
             return [_job(j) for j in rows]
         return self._call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
 
-    def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO) -> int:
-        """Stream a job's raw log into ``out`` (an empty file); returns its size. A stream broken midway is
-        fetched again from the start (GitLab has no Range support for traces), up to :data:`TRACE_ATTEMPTS` times."""
+    def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO | LogSink, *, timeout: float | None = None) -> int:
+        """Stream a job's raw log into ``out`` (an empty file, or a :class:`spool.LogSink` such as
+        :class:`spool.CappedLog`); returns how many bytes GitLab sent. A stream broken midway is fetched
+        again from the start (GitLab has no Range support for traces), up to :data:`TRACE_ATTEMPTS` times.
+
+        ``timeout`` (JOB_LOG_TIMEOUT) bounds the whole download, every attempt included: GITLAB_TIMEOUT
+        only bounds each read, and a GitLab (or a proxy) that trickles a byte every few seconds would
+        otherwise hold this worker for ever. When it passes, the download fails with a GitLabSourceError
+        (not ``gone``: the pipeline is tried again on a later cycle)."""
         what = f"log of job {job_id} (project {project_id})"
+        deadline = None if timeout is None else time.monotonic() + timeout
         last: Exception | None = None
         for attempt in range(1, TRACE_ATTEMPTS + 1):
             if attempt > 1:  # not on the first: on ext4 a truncate makes close() start writing the file to disk
-                out.seek(0)  # (auto_da_alloc), and a spool file written to disk costs ~1.5 ms more to delete
-                out.truncate()
-            size = 0
+                restart_sink(out)  # (auto_da_alloc), and a spool file written to disk costs ~1.5 ms more to delete
+            body: BodyCopy | None = None
+            watch: Watch | None = None
             try:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded(0)
+                # GitLab answers with the whole log in the body (lib/api/ci/jobs.rb: `body build.trace.raw`),
+                # never a redirect, so this one response is the whole download.
                 response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)
                 with response:
-                    for chunk in response.iter_content(chunk_size=256 * 1024):
-                        out.write(chunk)
-                        size += len(chunk)
+                    body = BodyCopy(response.raw, deadline)
+                    if deadline is not None:
+                        watch = WATCHDOG.arm(deadline, response.raw)
+                    size = body.into(out)
+                    if watch is not None and watch.fired:
+                        raise DeadlineExceeded(size)  # the socket was shut down: what looked like the end was not
                 out.flush()
                 return size
+            except DeadlineExceeded as exc:
+                raise self._expired(what, timeout, exc.received) from None
             except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                received = body.received if body else 0
+                if watch is not None and watch.fired:
+                    raise self._expired(what, timeout, received) from None
                 last = exc
                 log.warning("%s: stream broke after %d bytes (attempt %d/%d); fetching again",
-                            what, size, attempt, TRACE_ATTEMPTS)
+                            what, received, attempt, TRACE_ATTEMPTS)
             except _ERRORS as exc:
+                if watch is not None and watch.fired:
+                    raise self._expired(what, timeout, body.received if body else 0) from None
                 raise self._error(what, exc) from exc
+            finally:
+                if watch is not None:
+                    watch.cancel()
         assert last is not None
         raise self._error(what, last) from last
+
+    @staticmethod
+    def _expired(what: str, timeout: float | None, received: int) -> GitLabSourceError:
+        return GitLabSourceError(f"{what}: log download exceeded JOB_LOG_TIMEOUT={format_seconds(timeout)} "
+                                 f"({received} bytes received); will try again on a later cycle")
 
     def commit_author_email(self, project_id: int, sha: str | None) -> str | None:
         """The commit author's email, cached (LRU) so a pipeline costs at most one extra request."""
