@@ -27,7 +27,7 @@ from .logsetup import APP_LOG_BACKUPS
 from .poster import ApiPoster
 from .requestlog import ManagedRequestLog
 from .source import DiscoveryProblem, GitLabSource
-from .state import StateStore
+from .state import MARKER_NAME, StateStore
 from .timeutil import format_ts
 
 TOKEN_EXPIRY_WARNING_DAYS = 14
@@ -328,8 +328,9 @@ def _writable(name: str, folder: Path) -> Check:
 
 def _state(config: Config) -> Check:
     path = config.state_dir / "state.sqlite3"
-    if not path.is_file():
+    if not path.is_file() and not (config.state_dir / MARKER_NAME).exists():
         return Check("state store", True, f"{path} does not exist yet; the first run creates it")
+    # (a store that was in use here and is now missing or empty: StateStore refuses it, with the way out)
     try:
         state = StateStore(config.state_dir)
     except ShipperError as exc:

@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, Mapping
 
 from .config import Config
 from .fileout import FileOutput
-from .state import _SCHEMA, StateStore
+from .state import _SCHEMA, MARKER_NAME, StateStore
 
 if TYPE_CHECKING:  # shipper imports this module
     from .shipper import ShipResult
@@ -30,8 +30,8 @@ class ReadOnlyStateStore(StateStore):
     ``STATE_DIR`` has no store yet, an empty one in memory: nothing is created on disk."""
 
     def __init__(self, state_dir: Path) -> None:
-        if (Path(state_dir) / "state.sqlite3").is_file():
-            super().__init__(state_dir)
+        if (Path(state_dir) / "state.sqlite3").is_file() or (Path(state_dir) / MARKER_NAME).exists():
+            super().__init__(state_dir)  # (a store that was in use and is now lost is refused, as for real)
             return
         self.path = Path(state_dir) / "state.sqlite3"
         self._lock = threading.RLock()

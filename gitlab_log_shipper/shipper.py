@@ -57,6 +57,7 @@ from .poster import ApiPoster
 from .redact import Redactor
 from .requestlog import ManagedRequestLog
 from .source import DiscoveryProblem, GitLabSource, ProjectRef
+from .spool import CappedLog
 from .state import RetryEntry, StateStore
 from .timeutil import format_ts, parse_ts, utcnow
 
@@ -307,7 +308,7 @@ class Shipper:
                 report.error(f"{project.id}: {_without_prefix(str(exc), project.id)}")
                 return False
 
-        polled = sum(self._project_pool.map(poll, projects))
+        polled = sum(_all_results(self._project_pool, poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
         if self.delivery is not None:
             report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
@@ -337,7 +338,7 @@ class Shipper:
         now = self.clock()
         tasks += [(lambda entry=entry: self._retry(project, entry)) for entry in waiting.values()
                   if entry.pipeline_id not in listing.rows and parse_ts(entry.next_attempt_at) <= now]
-        results = list(self._pipeline_pool.map(lambda task: task(), tasks))
+        results = _all_results(self._pipeline_pool, lambda task: task(), tasks)
         if self.stop.is_set():
             return  # cursor untouched: what was cut short is polled again after the restart
         for result in results:
@@ -358,6 +359,8 @@ class Shipper:
         status = str(row.get("status"))
         updated_at = str(row["updated_at"])
         base = ShipResult(UNCHANGED, project.id, pipeline_id)
+        if self.stop.is_set():
+            return base  # shutting down: the cycle's results are dropped and the cursor stays, so it comes again
         if status not in FINISHED_STATUSES:
             if waiting is not None:  # reopened: the finish that failed is superseded; its next one is listed anew
                 self.state.clear_retry(project.id, pipeline_id)
@@ -422,8 +425,8 @@ class Shipper:
         """A pipeline that failed (or changed while it was read) goes to the durable retry list: tried again by id on
         its own backoff (the next two cycles, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by `status`, never holding the
         project's cursor, so the listing window stays small however long it keeps failing."""
-        if result.outcome not in TRY_AGAIN or self.dry_run:
-            return result
+        if result.outcome not in TRY_AGAIN or self.dry_run or self.stop.is_set():
+            return result  # (cut short by a shutdown: not the pipeline's fault, and the cursor has not moved)
         now = self.clock()
         counted = result.outcome == FAILED  # a pipeline that changed under us is read again next cycle, no backoff
         before = self.state.retry_entry(result.project_id, result.pipeline_id)
@@ -503,11 +506,16 @@ class Shipper:
                 return result
             header, jobs = self._collect(project, detail, all_jobs, spool, result)
             self._deliver(header, jobs, spool, result, list_row)
-        except GitLabSourceError as exc:
-            failure = self._source_failure(project, pipeline_id, exc, list_row)
-            failure.finish, failure.idempotency_key = result.finish, result.idempotency_key
-            return failure
-        except (DeliveryError, OSError) as exc:
+        except (GitLabSourceError, DeliveryError, OSError) as exc:
+            if self.stop.is_set() and not getattr(exc, "gone", False):
+                log.info("pipeline %s (project %s): cut short by the shutdown (%s); done again by the next run",
+                         pipeline_id, project.id, exc)
+                result.outcome, result.reason = FAILED, f"cut short by the shutdown: {exc}"
+                return result
+            if isinstance(exc, GitLabSourceError):
+                failure = self._source_failure(project, pipeline_id, exc, list_row)
+                failure.finish, failure.idempotency_key = result.finish, result.idempotency_key
+                return failure
             result.outcome = FAILED
             result.reason = str(exc)
             log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
@@ -528,7 +536,8 @@ class Shipper:
         kept = [job for job in latest if keep_job(job, self.config.save_job_status)]
         if len(kept) < len(latest):
             log.debug("pipeline %s: %d of %d job(s) left out by LOG_SAVE_JOB_STATUS", pipeline_id, len(latest) - len(kept), len(latest))
-        jobs = list(self._trace_pool.map(lambda job: self._fetch_log_or_note(project, pipeline_id, job, spool), kept))
+        jobs = _all_results(self._trace_pool, lambda job: self._fetch_log_or_note(project, pipeline_id, job, spool), kept,
+                            cancel_on_error=True)
         unreadable = [job for job in jobs if job.error is not None]
         if unreadable:
             # A log that GitLab does not serve (its job or the log was deleted, no access) is not the pipeline
@@ -572,8 +581,6 @@ class Shipper:
         # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
         if job.get("started_at") is None:
             return JobLog(job_fields(job), None)
-        from .spool import CappedLog  # (here while shipper.py is rewritten elsewhere; belongs with the imports)
-
         log_path = spool / f"job-{job['id']}.log"
         # Masked and cut while it streams in: the spool never holds more than MAX_JOB_LOG_BYTES of it.
         with CappedLog(log_path, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES",
@@ -753,6 +760,26 @@ class Shipper:
         if not self.status_allowed(status):
             raise ShipperError(f"pipeline {pipeline_id} is {status}, which LOG_SAVE_PIPELINE_STATUS filters out")
         return self.ship(project, detail)
+
+
+def _all_results(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], *,
+                 cancel_on_error: bool = False) -> list[Any]:
+    """``pool.map``, except that no task outlives the call: when one raises, the others are waited for (or, with
+    ``cancel_on_error``, those not started yet are cancelled) before the first error is raised, so nothing of this
+    cycle keeps running into the next one."""
+    futures = [pool.submit(fn, item) for item in items]
+    results: list[Any] = []
+    error: BaseException | None = None
+    for future in futures:
+        if error is not None and cancel_on_error and future.cancel():
+            continue
+        try:
+            results.append(future.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
+            error = error or exc
+    if error is not None:
+        raise error
+    return results
 
 
 def _without_prefix(message: str, ref: object) -> str:

@@ -101,7 +101,7 @@ def test_a_full_disk_fails_cycles_until_there_is_room_again(
     tmp_path: Path, world: World, gitlab_sim: GitLabSimulator, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     project = world.add_project("team/app")
-    world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    pipeline = world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
     env = make_env(tmp_path, gitlab_sim, receiver)
     config = load_config(None, env.values)
     prepare_directories(config)
@@ -125,11 +125,16 @@ def test_a_full_disk_fails_cycles_until_there_is_room_again(
             while caplog.text.count("the file system is full") < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert caplog.text.count("the file system is full") >= 2  # the cycle failed, the next one ran too
-            assert loop.is_alive() and store.get_cursor(project.id) is None
+            assert loop.is_alive() and store.seen(project.id, pipeline.id) is None
+
+            def shipped() -> bool:
+                seen = store.seen(project.id, pipeline.id)
+                return seen is not None and seen.shipped_finish is not None
+
             store._db.execute("PRAGMA max_page_count = 1073741823")  # room again
-            while store.get_cursor(project.id) is None and time.monotonic() < deadline:
+            while not shipped() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert store.get_cursor(project.id) is not None  # caught up without a restart
+            assert shipped()  # caught up without a restart
     finally:
         shipper.stop.set()
         loop.join(10)

@@ -195,6 +195,7 @@ def test_ctrl_c_twice_stops_at_once(tmp_path: Path, world: World, gitlab_sim: Gi
     pipelines(world, 12, jobs=3)
     env = make_env(tmp_path, gitlab_sim, receiver, CONCURRENCY="2")
     gitlab_sim.faults.latency = 0.3
+    gitlab_sim.faults.trace_trickle = (1, 0.5)  # a log download in flight when the first SIGINT comes takes long
     proc = start(env, "run", "--once", grace=60)  # the work in flight would get a minute
     spool = Path(env.values["STATE_DIR"]) / "spool" / str(proc.pid)
     wait_until(lambda: gitlab_sim.counters["trace"] > 0, 30, "the first log download")

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -519,8 +519,19 @@ def report(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def test_nothing_lost_in_random_worlds(tmp_path: Path) -> None:
-    logging.getLogger("gitlab_log_shipper").setLevel(logging.CRITICAL)  # thousands of lines otherwise
+@pytest.fixture
+def quiet_shipper_logs() -> Iterator[None]:
+    """Thousands of lines otherwise; the level is restored afterwards, or every later test would log nothing."""
+    logger = logging.getLogger("gitlab_log_shipper")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def test_nothing_lost_in_random_worlds(tmp_path: Path, quiet_shipper_logs: None) -> None:
     seeds, budget = _seeds()
     began = time.monotonic()
     runs = [run_seed(seed, tmp_path) for seed in seeds]
