@@ -1,0 +1,169 @@
+"""Adversarial review of issue 11 (``git diff ea99c49..``): defects found in the new design, each proven by a
+test that fails on the code as reviewed. Everything runs over real HTTP on loopback (the GitLab simulator and
+the receiver); interleavings inside a cycle use the simulator's request hook (``GitLabSimulator.on_request``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.errors import GitLabSourceError
+from gitlab_log_shipper.shipper import Shipper
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
+from gitlab_log_shipper.sim.receiver import Receiver
+from gitlab_log_shipper.sim.world import JobSpec, World
+from gitlab_log_shipper.source import PER_PAGE, GitLabSource
+
+from shipper_helpers import by_pipeline, documents, make_env
+
+T0 = datetime(2026, 11, 2, 9, 0, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.now
+
+    def advance(self, **delta: float) -> None:
+        with self._lock:
+            self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def world(clock: Clock) -> World:
+    return World(clock=clock)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as rec:
+        yield rec
+
+
+def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()``'s result (or the exception it raised); fails the test instead of hanging it."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still running after {seconds} s")
+    return outcome.get("error", outcome.get("value"))
+
+
+# -- 1. the one-instant pass is offset-paged: a deletion during it skips a row --------------------------
+
+
+def test_a_deletion_during_the_one_instant_pass_skips_no_row(tmp_path: Path, world: World, clock: Clock,
+                                                             receiver: Receiver) -> None:
+    """More than PER_PAGE rows sharing one updated_at (the bulk update ``list_pipelines`` plans for) are listed
+    with offset pages ordered by id (``_list_one_instant``). That is exactly the listing issue 11 case 1 showed
+    to lose rows: a pipeline deleted (auto-cleanup, a user) while page 2 of that pass is fetched moves every row
+    behind it one place forward, and the first row of page 2 is never seen. The cursor then moves past it."""
+    project = world.add_project("team/bulk")
+    instant = T0 - timedelta(minutes=10)
+    ids = [world.add_pipeline(project.id, finished_at=instant, jobs=[JobSpec("build", log="ok\n")]).id
+           for _ in range(PER_PAGE + 50)]
+    pages: list[dict[str, str]] = []
+
+    def delete_while_paging(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "pipelines" and params.get("order_by") == "id" and params.get("page") == "2":
+            pages.append(params)
+            if len(pages) == 1:
+                world.delete_pipeline(ids[0])  # the oldest goes, while page 2 of the instant is asked for
+
+    with GitLabSimulator(world) as sim:
+        sim.on_request(delete_while_paging)
+        values = make_env(tmp_path, sim, receiver, INITIAL_LOOKBACK="1h", POLL_OVERLAP="5m",
+                          POLL_INTERVAL="60").values
+        shipper = Shipper(load_config(None, values), clock=clock)
+        try:
+            shipper.run_cycle()
+            clock.advance(minutes=1)
+            shipper.run_cycle()  # a second cycle: the row is not found later either
+        finally:
+            shipper.close()
+    assert pages, "the one-instant pass did not run"
+    shipped = set(by_pipeline(documents(receiver)))
+    missing = sorted(set(ids[1:]) - shipped)
+    assert not missing, f"never shipped: {missing} (the first row of page 2 of the one-instant pass)"
+
+
+# -- 2. JOB_LOG_TIMEOUT does not cover the answer's head ------------------------------------------------
+
+
+class HeadTrickleSimulator(GitLabSimulator):
+    """The simulator, but the logs of the jobs in :attr:`slow` answer with a status line and then trickle a header
+    line, a byte every 0.2 s (well within GITLAB_TIMEOUT=1), until :attr:`release` is set: a proxy that stalls
+    the same way as the body trickles test_trace_limits covers, only one step earlier."""
+
+    def __init__(self, world: World, **kwargs: Any) -> None:
+        super().__init__(world, **kwargs)
+        self.slow: set[int] = set()
+        self.release = threading.Event()
+
+    def _serve_trace(self, handler: Any, args: list[str], rate_headers: dict[str, str]) -> None:
+        if int(args[1]) not in self.slow or self.release.is_set():
+            super()._serve_trace(handler, args, rate_headers)
+            return
+        handler.close_connection = True
+        try:
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Slow: ")
+            handler.wfile.flush()
+            while not self.release.wait(0.2):
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+        except OSError:
+            pass  # the client gave up: what the test wants
+
+
+def test_job_log_timeout_bounds_a_log_whose_headers_trickle(tmp_path: Path, world: World) -> None:
+    """``fetch_trace`` promises that JOB_LOG_TIMEOUT "bounds the whole download", but the deadline is only checked
+    before the request and the watchdog is armed after ``http_get`` returned, i.e. after the status line and the
+    headers came. A GitLab or proxy that trickles its headers holds the trace worker (and, through
+    ``_all_results``, the project's poll and the whole cycle) for ever: GITLAB_TIMEOUT is per read."""
+    project = world.add_project("team/slow")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("slow", "test", "success", log="slow log\n")])
+    with HeadTrickleSimulator(world) as sim:
+        sim.slow.add(pipeline.job_ids[0])
+        try:
+            config = load_config(None, {**make_env(tmp_path, sim, None).values, "GITLAB_TIMEOUT": "1",
+                                        "JOB_LOG_TIMEOUT": "2s"})
+            source = GitLabSource(config)
+            out = tmp_path / "trace.log"
+            try:
+                with open(out, "wb") as sink:
+                    started = time.monotonic()
+                    outcome = _within(8, lambda: source.fetch_trace(project.id, pipeline.job_ids[0], sink,
+                                                                     timeout=config.job_log_timeout))
+                    elapsed = time.monotonic() - started
+            finally:
+                source.close()
+            assert isinstance(outcome, GitLabSourceError), outcome
+            assert "JOB_LOG_TIMEOUT" in str(outcome)
+            assert elapsed <= 2.0 + config.gitlab_timeout + 1.0, elapsed
+        finally:
+            sim.release.set()
