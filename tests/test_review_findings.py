@@ -167,3 +167,37 @@ def test_job_log_timeout_bounds_a_log_whose_headers_trickle(tmp_path: Path, worl
             assert elapsed <= 2.0 + config.gitlab_timeout + 1.0, elapsed
         finally:
             sim.release.set()
+
+
+# -- 3. dual mode: a file-output failure is never made good ---------------------------------------------
+
+
+def test_dual_mode_writes_the_files_once_the_output_folder_works_again(tmp_path: Path, world: World, clock: Clock,
+                                                                       receiver: Receiver) -> None:
+    """Issue 11 case 13 made dual mode POST when the files cannot be written; but the pipeline is then recorded
+    as shipped (``Shipper._deliver``: ``delivery.send`` → SHIPPED, the finish recorded, the retry entry cleared),
+    so its files are never written: once the folder works again the row is UNCHANGED and skipped. In dual mode
+    the files are an output the operator asked for (OPERATIONS.md calls them the backup): one full disk or
+    wrong owner for one cycle loses them for good, silently (the cycle even counts as complete, exit 0)."""
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")])
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the output folder should be")
+    output = blocked / "out"
+    with GitLabSimulator(world) as sim:
+        values = make_env(tmp_path, sim, receiver, INITIAL_LOOKBACK="1h", POLL_OVERLAP="5m", POLL_INTERVAL="60",
+                          API_POST_SAVE_TO_FILE="true", LOG_OUTPUT_DIR=str(output)).values
+        shipper = Shipper(load_config(None, values), clock=clock)
+        try:
+            first = shipper.run_cycle()
+            assert pipeline.id in by_pipeline(documents(receiver))  # the API got it (case 13)
+            blocked.unlink()  # the operator fixes the folder
+            for _ in range(3):
+                clock.advance(minutes=1)
+                shipper.run_cycle()
+        finally:
+            shipper.close()
+    written = sorted(p.name for p in output.glob("*/pipeline_*")) if output.exists() else []
+    assert written == [f"pipeline_{pipeline.id}"], (
+        f"files of pipeline {pipeline.id} never written (first cycle complete={first.complete}, "
+        f"counts={dict(first.counts)})")
