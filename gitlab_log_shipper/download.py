@@ -103,16 +103,65 @@ class BodyCopy:
             raise requests.exceptions.SSLError(exc) from exc
 
 
-class Watch:
-    """One armed deadline; ``fired`` tells the download that its socket was shut down on purpose."""
+class DeadlinePassed(Exception):
+    """A request was about to take a connection after its download's deadline had passed. Not an OSError nor a
+    requests error on purpose: python-gitlab would retry those (with its own sleeps), past the deadline."""
 
-    def __init__(self, deadline: float, raw: Any) -> None:
+
+_request_deadline = threading.local()  # .at: monotonic deadline of the download this thread is making
+
+
+class RequestDeadline:
+    """``with RequestDeadline(at):`` every connection this thread takes from a :class:`DeadlinePool` meanwhile is
+    shut down at ``at``, also before the answer's headers came (a GitLab or proxy that trickles its status line or
+    headers a byte at a time is bounded too, not only the body)."""
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+    def __enter__(self) -> "RequestDeadline":
+        self._before = getattr(_request_deadline, "at", None)
+        _request_deadline.at = self.at
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _request_deadline.at = self._before
+
+
+class DeadlinePool:
+    """Mixed into urllib3's connection pools (see ``source.GitLabSession``): arms :data:`WATCHDOG` on each connection
+    taken while a :class:`RequestDeadline` is in force, disarms it when the connection goes back to the pool."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        at = getattr(_request_deadline, "at", None)
+        if at is not None and time.monotonic() >= at:
+            raise DeadlinePassed()
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        if at is not None:
+            conn._gls_watch = WATCHDOG.arm(at, None, connection=conn)
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        watch = getattr(conn, "_gls_watch", None)
+        if watch is not None:
+            conn._gls_watch = None
+            watch.cancel()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class Watch:
+    """One armed deadline; ``fired`` tells the download that its socket was shut down on purpose. It watches a
+    response (``raw``, while the response holds its connection) or a connection taken from a pool (until it goes
+    back there)."""
+
+    def __init__(self, deadline: float, raw: Any, connection: Any = None) -> None:
         self.deadline = deadline
         self.raw = raw
         self.fired = False
         self.cancelled = False
         self.in_heap = True  # the watchdog's bookkeeping
         self._connection = getattr(raw, "_connection", None)
+        self._pooled = connection
 
     def cancel(self) -> None:
         """The download ended (either way): the watchdog no longer touches its response."""
@@ -121,7 +170,18 @@ class Watch:
     def fire(self) -> None:
         """Called by the watchdog, with its lock held."""
         raw = self.raw
-        if self.cancelled or raw is None:
+        if self.cancelled:
+            return
+        if self._pooled is not None:  # disarmed (under this lock) when it goes back to the pool
+            sock = getattr(self._pooled, "sock", None)
+            self.fired = True
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
+                except (OSError, TypeError):
+                    pass
+            return
+        if raw is None:
             return
         # Only while the response still holds its connection: once the body is complete urllib3 returns
         # the connection to the pool, and another request may be using it.
@@ -148,8 +208,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._stale = 0  # cancelled watches still in the heap
 
-    def arm(self, deadline: float, raw: Any) -> Watch:
-        watch = Watch(deadline, raw)
+    def arm(self, deadline: float, raw: Any, *, connection: Any = None) -> Watch:
+        watch = Watch(deadline, raw, connection)
         with self._cond:
             heapq.heappush(self._heap, (deadline, next(self._order), watch))
             if self._thread is None or not self._thread.is_alive():
@@ -165,6 +225,7 @@ class Watchdog:
                 return
             watch.cancelled = True
             watch.raw = None
+            watch._pooled = None
             if not watch.in_heap:
                 return
             self._stale += 1

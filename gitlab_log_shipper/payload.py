@@ -49,18 +49,24 @@ def finish_key(status: str, finished_at: str | None) -> str:
     return f"{status}|{finished_at or ''}"
 
 
+# GitLab stamps finished_at on the transitions to success, failed and canceled only (Ci::Pipeline's state machine)
+# and does not clear it on the way to manual: a manual pipeline may show the finished_at of an earlier finish.
+_RESTS_WITHOUT_FINISH = frozenset({"manual", "skipped"})
+
+
 def finish_of(pipeline: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]] | None) -> str | None:
     """The finish a pipeline's current state is: ``status|finished_at``.
 
     GitLab stamps ``finished_at`` only on the way to success, failed or canceled; a pipeline that rests as
     ``skipped`` or ``manual`` (blocked on a manual job) has none. A manual pipeline can come to rest again and again
     (play one manual job, it runs, the pipeline blocks on the next one) with the same status and no finished_at, so
-    such a finish is told apart by its jobs: every attempt's id and status, hashed (``manual|jobs:<digest>``). The
-    digest does not move when only ``updated_at`` does, and moves when any job ran, was played or retried since.
+    such a finish is told apart by its jobs: every attempt's id and status, hashed (``manual|jobs:<digest>``), also
+    when a stale finished_at of an earlier finish is still shown. The digest does not move when only ``updated_at``
+    does, and moves when any job ran, was played or retried since.
     Returns None when the jobs are needed but not given."""
     status = str(pipeline.get("status"))
     finished_at = pipeline.get("finished_at")
-    if finished_at:
+    if finished_at and status not in _RESTS_WITHOUT_FINISH:
         return finish_key(status, finished_at)
     if jobs is None:
         return None

@@ -327,6 +327,14 @@ class Shipper:
             self.state.set_cursor(project.id, cursor)
         since = cursor - timedelta(seconds=self.config.poll_overlap)
         listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
+        if listing.gitlab_now is not None and since > listing.gitlab_now:
+            # A cursor ahead of GitLab's clock: set by an earlier version from a row stamped by a node whose clock
+            # ran ahead, or by a clock that was wrong. What finished since the last real poll would be skipped.
+            since = listing.gitlab_now - timedelta(seconds=max(self.config.initial_lookback, self.config.poll_overlap))
+            log.warning("project %s: its cursor %s is ahead of GitLab's clock (%s); listing again from %s "
+                        "(INITIAL_LOOKBACK); run `backfill` for anything older", project.id, format_ts(cursor),
+                        format_ts(listing.gitlab_now), format_ts(since))
+            listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
         for pipeline_id, updated_at, date in listing.future:
             log.warning("project %s: pipeline %s has updated_at %s, ahead of GitLab's clock (Date %s): GitLab's "
                         "nodes disagree on the time; the cursor stays at GitLab's now", project.id, pipeline_id,
@@ -374,12 +382,14 @@ class Shipper:
             base.outcome = RETRY_WAITING  # the same row failed before; a row that moved is a new state: tried now
             base.reason = waiting.reason
             return base
-        return self._ship_listed(project, pipeline_id, (status, updated_at), seen.shipped_finish if seen else None)
+        # A pipeline on the retry list is shipped even if its finish was delivered: it is there because something
+        # else failed (dual mode: its files), and a resend carries the same Idempotency-Key.
+        shipped = seen.shipped_finish if seen and waiting is None else None
+        return self._ship_listed(project, pipeline_id, (status, updated_at), shipped)
 
     def _retry(self, project: ProjectRef, entry: RetryEntry) -> ShipResult:
         """A pipeline that failed before and is no longer in the listing window: read it by id."""
-        seen = self.state.seen(project.id, entry.pipeline_id)
-        return self._ship_listed(project, entry.pipeline_id, entry.list_row, seen.shipped_finish if seen else None)
+        return self._ship_listed(project, entry.pipeline_id, entry.list_row, None)
 
     def _ship_listed(self, project: ProjectRef, pipeline_id: int, list_row: tuple[str, str] | None,
                      shipped_finish: str | None) -> ShipResult:
@@ -672,7 +682,12 @@ class Shipper:
         if result.folder is not None and result.outcome != SHIPPED:
             result.reason += f"; files written to {result.folder}"
         if file_error is not None:
-            result.reason = f"{result.reason}; {file_error}" if result.reason else str(file_error)
+            # The API has it (or the outbox does), the files do not: kept on the retry list, which ships it again
+            # (same Idempotency-Key) with its files once they can be written.
+            handed = {SHIPPED: "delivered to the API", QUEUED_OUTCOME: "queued for the API in the outbox",
+                      DEAD_LETTERED: "rejected by the API (dead-lettered)"}.get(result.outcome, result.outcome)
+            result.reason = f"{handed}, but {file_error}"
+            result.outcome = FAILED
 
     # -- backfill and one-off posts -------------------------------------------------------------
 

@@ -27,11 +27,12 @@ import gitlab
 import gitlab.exceptions
 import requests
 import requests.adapters
+import urllib3
 from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .config import Config
-from .download import WATCHDOG, BodyCopy, DeadlineExceeded, Watch, format_seconds
+from .download import WATCHDOG, BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, Watch, format_seconds
 from .download import restart as restart_sink
 from .errors import GitLabSourceError
 from .ratelimit import Throttle
@@ -101,6 +102,22 @@ class TLSFailure(requests.RequestException):
     """GitLab's certificate was not trusted. A configuration problem, so never retried as transient."""
 
 
+class _DeadlineHTTPPool(DeadlinePool, urllib3.HTTPConnectionPool):
+    pass
+
+
+class _DeadlineHTTPSPool(DeadlinePool, urllib3.HTTPSConnectionPool):
+    pass
+
+
+class _GitLabAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with pools whose connections honour a :class:`download.RequestDeadline` (job logs)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
 class GitLabSession(requests.Session):
     """The requests Session python-gitlab uses, hardened.
 
@@ -119,7 +136,7 @@ class GitLabSession(requests.Session):
         self.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
         self.throttle = throttle or Throttle()
         # Enough pooled connections for every worker; no urllib3 Retry here (python-gitlab retries).
-        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+        adapter = _GitLabAdapter(pool_connections=2, pool_maxsize=pool_size)
         self.mount("https://", adapter)
         self.mount("http://", adapter)
 
@@ -322,6 +339,7 @@ FUTURE_TOLERANCE = timedelta(seconds=2)
 # A page of this many rows that all carry one updated_at (bulk updates) cannot move the keyset bound forward:
 # that one instant is then listed with offset pages (see list_pipelines).
 _ONE_INSTANT = timedelta(microseconds=999)
+_INSTANT_PASSES = 5
 
 
 class GitLabSource:
@@ -493,14 +511,27 @@ class GitLabSource:
         one-millisecond window into an empty one from page 2 on (``OffsetHeaderBuilder#page_href``)."""
         query = {**extra, "updated_after": format_ts(instant),
                  "updated_before": (instant + _ONE_INSTANT).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "order_by": "id"}
-        page = 1
-        while True:
-            rows = self._pipelines_page(project_id, {**query, "page": str(page)}, listing, what)
-            for row in rows:
-                listing.add(row)
-            if len(rows) < PER_PAGE:
+        # Offset pages skip a row when one before it is deleted meanwhile (rows only ever leave this window: a row
+        # updated again moves past it and comes with the keyset pages). So the pass is repeated until one finds
+        # no row the earlier ones had not: a deletion during a pass shifts rows, the next pass sees them.
+        found: set[int] = set()
+        for attempt in range(1, _INSTANT_PASSES + 1):
+            new = 0
+            page = 1
+            while True:
+                rows = self._pipelines_page(project_id, {**query, "page": str(page)}, listing, what)
+                for row in rows:
+                    if int(row["id"]) not in found:
+                        found.add(int(row["id"]))
+                        new += 1
+                    listing.add(row)
+                if len(rows) < PER_PAGE:
+                    break
+                page += 1
+            if attempt > 1 and not new:
                 return
-            page += 1
+        log.warning("%s: the %d pipelines updated at %s kept changing over %d passes; the rest come with the "
+                    "overlap of the next cycle", what, len(found), format_ts(instant), _INSTANT_PASSES)
 
     def get_pipeline(self, project_id: int, pipeline_id: int) -> dict[str, Any]:
         return self._call(
@@ -538,7 +569,8 @@ class GitLabSource:
                     raise DeadlineExceeded(0)
                 # GitLab answers with the whole log in the body (lib/api/ci/jobs.rb: `body build.trace.raw`),
                 # never a redirect, so this one response is the whole download.
-                response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)
+                with RequestDeadline(deadline):  # from the first byte sent: the answer's head is bounded too
+                    response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)
                 with response:
                     body = BodyCopy(response.raw, deadline)
                     if deadline is not None:
@@ -550,15 +582,17 @@ class GitLabSource:
                 return size
             except DeadlineExceeded as exc:
                 raise self._expired(what, timeout, exc.received) from None
+            except DeadlinePassed:
+                raise self._expired(what, timeout, body.received if body else 0) from None
             except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
                 received = body.received if body else 0
-                if watch is not None and watch.fired:
+                if (watch is not None and watch.fired) or (deadline is not None and time.monotonic() >= deadline):
                     raise self._expired(what, timeout, received) from None
                 last = exc
                 log.warning("%s: stream broke after %d bytes (attempt %d/%d); fetching again",
                             what, received, attempt, TRACE_ATTEMPTS)
             except _ERRORS as exc:
-                if watch is not None and watch.fired:
+                if (watch is not None and watch.fired) or (deadline is not None and time.monotonic() >= deadline):
                     raise self._expired(what, timeout, body.received if body else 0) from None
                 raise self._error(what, exc) from exc
             finally:
