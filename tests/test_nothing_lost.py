@@ -149,6 +149,21 @@ def test_an_idle_project_keeps_its_window_across_a_downtime_longer_than_the_look
     assert late.id in by_pipeline(documents(receiver))
 
 
+@pytest.mark.xfail(strict=True, reason="shipper defect found while widening the model-based test: a project first seen "
+                   "on a later run (created, or re-created under its path, while the shipper was down) starts at "
+                   "now - INITIAL_LOOKBACK (shipper.py poll_project), not at the last moment the projects were polled")
+def test_a_project_created_while_the_shipper_is_down_keeps_what_finished_meanwhile(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
+    world.add_project("team/old")
+    _cycle(tmp_path, sim, receiver, clock)  # the shipper polls the token's projects, then is down from here ...
+    clock.advance(minutes=10)
+    new = world.add_project("team/new")
+    meanwhile = world.add_pipeline(new.id, jobs=[JobSpec("build", log="meanwhile\n")])
+    clock.advance(hours=3)  # ... for longer than INITIAL_LOOKBACK + POLL_OVERLAP
+    _cycle(tmp_path, sim, receiver, clock)
+    assert meanwhile.id in by_pipeline(documents(receiver))
+
+
 def test_a_project_whose_first_polls_fail_keeps_its_first_window(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                                  receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/flaky")
