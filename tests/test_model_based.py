@@ -14,7 +14,8 @@ jobs GET, any random change.
 After a quiet period (the world stops, everything is healthy, a few cycles) the oracle checks:
 
 1. every live pipeline that passes the filters has its final finish delivered;
-2. every finish that stayed unchanged across a complete successful cycle was delivered;
+2. every finish that stayed unchanged across a complete successful cycle that polled its project (a
+   project created meanwhile is polled from the shipper's next discovery on) was delivered;
 3. one Idempotency-Key per finish, and one finish per key;
 4. every delivered document equals a finish snapshot (status, finished_at, jobs: ids, names,
    statuses and log bytes); a job log GitLab did not serve may be empty with ``log_error`` set, and a
@@ -58,6 +59,7 @@ from gitlab_log_shipper.sim.world import World
 from model_world import Finish, JobState, ModelWorld, VirtualClock
 
 POLL_INTERVAL = 60
+DISCOVERY_INTERVAL = 600  # the shipper's default: a project created meanwhile is polled from its next discovery on
 # what a pipeline that ran comes to rest as (skipped: only one whose jobs never started, see ModelWorld)
 RAN_STATUSES = ("success", "failed", "canceled", "manual")
 
@@ -72,6 +74,7 @@ class Cycle:
     end: int  # ... and when it ended
     complete: bool
     summary: str
+    projects: frozenset[int] = frozenset()  # what the shipper polled: its latest discovery
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Model:
             "RETRY_DELAY": "0",
             "RETRY_ATTEMPTS": "2",
             "POLL_INTERVAL": str(POLL_INTERVAL),
+            "DISCOVERY_INTERVAL": str(DISCOVERY_INTERVAL),
             "CONCURRENCY": os.environ.get("MODEL_CONCURRENCY", "1"),  # 1: one order of HTTP exchanges per seed
             "GITLAB_TIMEOUT": "10",
             "API_POST_TIMEOUT": "10",
@@ -234,7 +238,8 @@ class Model:
             self.in_cycle_rate, self.targeted = 0.0, False
         self.hook_state["kill_at"] = None
         complete = report.complete and not report.gitlab_unreachable
-        self.cycles.append(Cycle(start, self.mw.version, complete, report.summary()))
+        self.cycles.append(Cycle(start, self.mw.version, complete, report.summary(),
+                                 frozenset(p.id for p in shipper.known_projects)))
         self.note(f"{label} done ({'complete' if complete else 'incomplete'}): {report.summary()}")
 
     # -- world changes --------------------------------------------------------------------------
@@ -267,7 +272,7 @@ class Model:
 
     def project_change(self) -> None:
         """A busy project is deleted (for good, or to be created again under its path), or one comes back."""
-        if self.returning and (len(self.busy) < 2 or self.rng.random() < 0.5):
+        if self.returning:
             path = self.returning.pop(0)
             project_id = self.mw.add_project(path)
             self.paths[project_id] = path
@@ -285,7 +290,7 @@ class Model:
         self.clock.advance(self.rng.uniform(0, 3))
         kind = self.rng.choices(
             ["new", "finish", "retry", "play", "touch", "delete", "child", "project"],
-            weights=[4, 5, 2, 2, 2, 1, 1, 0.15])[0]
+            weights=[4, 5, 2, 2, 2, 1, 1, 1.5 if self.returning else 0.2])[0]
         if kind == "new":
             self.new_pipelines(self._project(), self.rng.randint(1, 3))
         elif kind == "finish" and mw.running():
@@ -417,14 +422,17 @@ class Model:
         self.quiet()
 
     def quiet(self) -> None:
-        """The world comes to rest and stops; everything is healthy; a few clean cycles."""
-        self.step("quiet period: running pipelines finish, receiver and GitLab healthy, 3 cycles")
+        """The world comes to rest and stops; everything is healthy; a few clean cycles, the first after the
+        shipper's next discovery (a project created late is polled from then on)."""
+        self.step("quiet period: running pipelines finish, receiver and GitLab healthy, "
+                  f"{DISCOVERY_INTERVAL} s (one discovery interval), 3 cycles")
         for pid in self.mw.running():
             self.finish(pid, skew_allowed=False)
         for info in self.mw.live():  # never-started pipelines that were left "created"
             if self.mw.status(info.id) == "created":
                 self.mw.finish(info.id, "skipped")
         self.receiver_mode = "up"
+        self.clock.advance(DISCOVERY_INTERVAL)
         for i in range(3):
             self.cycle(label=f"quiet cycle {i + 1}")
 
@@ -484,8 +492,8 @@ class Model:
                 if not self.passes(finish) or finish.content() in delivered:
                     continue
                 final = not info.deleted and finish.ended is None
-                stable = [c for c in self.cycles
-                          if c.complete and finish.born <= c.start and (finish.ended is None or finish.ended >= c.end)]
+                stable = [c for c in self.cycles if c.complete and finish.project_id in c.projects
+                          and finish.born <= c.start and (finish.ended is None or finish.ended >= c.end)]
                 if final or stable:
                     why = "final finish" if final else f"unchanged across {len(stable)} complete cycle(s)"
                     v.append(f"LOST ({why}): {finish.describe()}; project {finish.project_id}"
