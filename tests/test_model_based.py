@@ -2,8 +2,9 @@
 
 Each seed builds a random world on the real simulator and receiver (HTTP on loopback) and interleaves,
 on one virtual clock, world changes (bursts of more than 100 pipelines, child pipelines, retries,
-manual jobs played and blocking again, deletions, ``updated_at`` moved after finishing, rows stamped by a
-node whose clock is ahead, projects idle for long stretches) with shipper runs: cycles, kills at a
+manual jobs played and blocking again, deletions, projects deleted for good or created again under the
+same path, a project whose jobs the token cannot read, ``updated_at`` moved after finishing, rows stamped
+by a node whose clock is ahead, projects idle for long stretches) with shipper runs: cycles, kills at a
 random HTTP exchange (a response hook raises a BaseException, the Shipper is abandoned without
 ``close()`` and a new one starts on the same STATE_DIR), downtimes of hours or days, receiver faults
 (5xx, 429, no answer) and GitLab faults. Changes also happen *inside* a cycle, from a per-request
@@ -13,10 +14,15 @@ jobs GET, any random change.
 After a quiet period (the world stops, everything is healthy, a few cycles) the oracle checks:
 
 1. every live pipeline that passes the filters has its final finish delivered;
-2. every finish that stayed unchanged across a complete successful cycle was delivered;
+2. every finish that stayed unchanged across a complete successful cycle that polled its project (a
+   project created meanwhile is polled from the shipper's next discovery on) was delivered;
 3. one Idempotency-Key per finish, and one finish per key;
 4. every delivered document equals a finish snapshot (status, finished_at, jobs: ids, names,
-   statuses and log bytes).
+   statuses and log bytes); a job log GitLab did not serve may be empty with ``log_error`` set, and a
+   pipeline whose jobs the token cannot read has no jobs and a ``warnings`` field (nothing else has one).
+
+``MODEL_CONCURRENCY`` (default 1) is the shipper's CONCURRENCY. With 1 a seed replays exactly; above 1
+the order of HTTP exchanges (and so where a kill or an in-cycle change lands) varies from run to run.
 
 Budget: ``MODEL_SEEDS`` seeds (default 40) from ``MODEL_SEED_START`` (default 0); ``MODEL_BUDGET=<s>``
 keeps running further seeds for that many seconds; ``MODEL_SEED=<n>`` runs one seed. A failure prints
@@ -30,6 +36,7 @@ import logging
 import os
 import random
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -45,12 +52,14 @@ if __name__ == "__main__":  # the survey script: this checkout's package, not an
 
 from gitlab_log_shipper.config import load_config
 from gitlab_log_shipper.shipper import Shipper
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import World
 
-from model_world import Finish, HookedSimulator, JobState, ModelWorld, VirtualClock
+from model_world import Finish, JobState, ModelWorld, VirtualClock
 
 POLL_INTERVAL = 60
+DISCOVERY_INTERVAL = 600  # the shipper's default: a project created meanwhile is polled from its next discovery on
 # what a pipeline that ran comes to rest as (skipped: only one whose jobs never started, see ModelWorld)
 RAN_STATUSES = ("success", "failed", "canceled", "manual")
 
@@ -65,6 +74,7 @@ class Cycle:
     end: int  # ... and when it ended
     complete: bool
     summary: str
+    projects: frozenset[int] = frozenset()  # what the shipper polled: its latest discovery
 
 
 @dataclass
@@ -87,9 +97,11 @@ class Model:
         self.clock = VirtualClock(start)
         self.world = World(clock=self.clock.now)
         self.mw = ModelWorld(self.world, self.clock, self.note)
-        self.sim = HookedSimulator(self.world)
+        self.sim = GitLabSimulator(self.world)
         self.sim.faults.rate_limit_window = 1.0  # GitLab's budget (2000/min) is not what this test is about
         self.sim.on_request(self._in_cycle)
+        # in-cycle changes run on the simulator's request threads, several at once with CONCURRENCY > 1
+        self._hook_lock = threading.Lock()
         self.receiver_rng = random.Random(seed * 7919 + 1)
         self.receiver_mode = "up"
         self.receiver = Receiver(script=self._reply)
@@ -101,10 +113,14 @@ class Model:
         self.in_cycle_active = False
         self.filter = self.rng.choice([None, None, ("success", "failed", "manual")])
         n_projects = self.rng.randint(2, 4)
-        self.projects = [self.world.add_project(f"p{i}").id for i in range(n_projects)]
+        # sometimes the token cannot read the jobs of one busy project (it lists none)
+        hidden = self.rng.randrange(n_projects - 1) if self.rng.random() < 0.2 else None
+        self.projects = [self.mw.add_project(f"p{i}", jobs_hidden=i == hidden) for i in range(n_projects)]
         # the last project is idle: it sees a pipeline only now and then (and during downtimes)
         self.busy = self.projects[:-1]
         self.idle = self.projects[-1]
+        self.paths = {pid: f"p{i}" for i, pid in enumerate(self.projects)}
+        self.returning: list[str] = []  # paths of deleted projects that will be created again
         self.n_steps = self.rng.randint(4, 22)
         self.n_step = 0
         self.skewed = self.rng.random() < 0.3  # a GitLab node whose clock runs ahead stamps some rows
@@ -152,6 +168,7 @@ class Model:
             "RETRY_DELAY": "0",
             "RETRY_ATTEMPTS": "2",
             "POLL_INTERVAL": str(POLL_INTERVAL),
+            "DISCOVERY_INTERVAL": str(DISCOVERY_INTERVAL),
             "CONCURRENCY": os.environ.get("MODEL_CONCURRENCY", "1"),  # 1: one order of HTTP exchanges per seed
             "GITLAB_TIMEOUT": "10",
             "API_POST_TIMEOUT": "10",
@@ -163,14 +180,16 @@ class Model:
     def start_shipper(self) -> Shipper:
         shipper = Shipper(self.config(), clock=self.clock.now)
         state = {"n": 0, "kill_at": None, "dead": False}
+        lock = threading.Lock()  # the shipper's threads (CONCURRENCY > 1) count exchanges together
 
         def hook(response: Any, *args: Any, **kwargs: Any) -> Any:
-            if state["dead"]:
-                raise Killed()
-            state["n"] += 1
-            if state["kill_at"] is not None and state["n"] >= state["kill_at"]:
-                state["dead"] = True
-                raise Killed()
+            with lock:
+                if state["dead"]:
+                    raise Killed()
+                state["n"] += 1
+                if state["kill_at"] is not None and state["n"] >= state["kill_at"]:
+                    state["dead"] = True
+                    raise Killed()
             return response
 
         shipper.source.gl.session.hooks["response"].append(hook)
@@ -219,7 +238,8 @@ class Model:
             self.in_cycle_rate, self.targeted = 0.0, False
         self.hook_state["kill_at"] = None
         complete = report.complete and not report.gitlab_unreachable
-        self.cycles.append(Cycle(start, self.mw.version, complete, report.summary()))
+        self.cycles.append(Cycle(start, self.mw.version, complete, report.summary(),
+                                 frozenset(p.id for p in shipper.known_projects)))
         self.note(f"{label} done ({'complete' if complete else 'incomplete'}): {report.summary()}")
 
     # -- world changes --------------------------------------------------------------------------
@@ -241,18 +261,36 @@ class Model:
             if self.rng.random() < finish_share:
                 self.finish(pid)
 
+    def skew(self) -> float:
+        """Seconds ahead of GitLab's clock for the node that stamps this change (mostly 0)."""
+        return self.rng.choice([600, 3600, 7200]) if self.skewed and self.rng.random() < 0.05 else 0.0
+
     def finish(self, pid: int, *, skew_allowed: bool = True) -> None:
         info = self.mw.pipelines[pid]
         status = "skipped" if info.skip_destined else self._finish_status()
-        skew = self.rng.choice([600, 3600, 7200]) if skew_allowed and self.skewed and self.rng.random() < 0.05 else 0.0
-        self.mw.finish(pid, status, skew=skew)
+        self.mw.finish(pid, status, skew=self.skew() if skew_allowed else 0.0)
+
+    def project_change(self) -> None:
+        """A busy project is deleted (for good, or to be created again under its path), or one comes back."""
+        if self.returning:
+            path = self.returning.pop(0)
+            project_id = self.mw.add_project(path)
+            self.paths[project_id] = path
+            self.busy.append(project_id)
+        elif len(self.busy) >= 2:
+            project_id = self.rng.choice(self.busy)
+            self.busy.remove(project_id)
+            self.mw.delete_project(project_id)
+            if self.rng.random() < 0.5:
+                self.returning.append(self.paths[project_id])
 
     def world_change(self) -> None:
         """One random change of the world."""
         mw = self.mw
         self.clock.advance(self.rng.uniform(0, 3))
         kind = self.rng.choices(
-            ["new", "finish", "retry", "play", "touch", "delete", "child"], weights=[4, 5, 2, 2, 2, 1, 1])[0]
+            ["new", "finish", "retry", "play", "touch", "delete", "child", "project"],
+            weights=[4, 5, 2, 2, 2, 1, 1, 1.5 if self.returning else 0.2])[0]
         if kind == "new":
             self.new_pipelines(self._project(), self.rng.randint(1, 3))
         elif kind == "finish" and mw.running():
@@ -260,29 +298,38 @@ class Model:
         elif kind == "retry":
             candidates = [p for p in mw.at_rest() if mw.retryable(p)]
             if candidates:
-                mw.retry(self.rng.choice(candidates))
+                mw.retry(self.rng.choice(candidates), skew=self.skew())
         elif kind == "play":
             candidates = [p for p in mw.at_rest() if mw.status(p) == "manual" and mw.manual_jobs(p)]
             if candidates:
-                mw.play(self.rng.choice(candidates))
+                mw.play(self.rng.choice(candidates), skew=self.skew())
         elif kind == "touch" and mw.at_rest():
-            mw.touch(self.rng.choice(mw.at_rest()))
+            mw.touch(self.rng.choice(mw.at_rest()), skew=self.skew())
         elif kind == "delete" and mw.live():
             mw.delete(self.rng.choice(mw.live()).id)
         elif kind == "child":
             parents = [p for p in mw.running() if not mw.pipelines[p].child]
             if parents:
                 mw.new_child(self.rng.choice(parents))
+        elif kind == "project":
+            self.project_change()
 
     def _in_cycle(self, endpoint: str, args: list, params: dict) -> None:
         """Called before each GitLab answer; changes the world between two HTTP exchanges of a cycle."""
         if not self.in_cycle_active:
             return
+        with self._hook_lock:
+            try:
+                self._change_in_cycle(endpoint, args, params)
+            except Exception as exc:  # the simulator would only answer 500: make a model error visible
+                self.run.violations.append(f"MODEL ERROR in the request hook ({endpoint} {args}): {exc!r}")
+                raise
+
+    def _change_in_cycle(self, endpoint: str, args: list, params: dict) -> None:
         mw = self.mw
         if self.targeted:
             if endpoint == "pipelines" and params.get("page") not in (None, "1") and self.rng.random() < 0.7:
-                project_id = int(args[0])
-                rows = sorted(i.id for i in mw.live() if i.project_id == project_id)
+                rows = mw.project_pipelines(int(args[0]))
                 if rows:
                     self.clock.advance(1)
                     mw.delete(rows[self.rng.randrange(min(len(rows), 50))])  # a row of an earlier page
@@ -358,7 +405,9 @@ class Model:
                 if fault == "blip":
                     self.sim.inject(None, 500, count=rng.randint(1, 3))
                 elif fault == "down":
-                    self.sim.down = True
+                    # every request answers 429 with Retry-After: 0: python-gitlab gives up after its retries
+                    # without sleeping, which stands for a GitLab that cannot be reached during one cycle
+                    self.sim.inject(None, 429, count=10**9, headers={"Retry-After": "0"})
                 elif fault == "trace404":
                     self.sim.inject("trace", 404, count=1)
                 else:
@@ -366,7 +415,6 @@ class Model:
                 try:
                     self.cycle()
                 finally:
-                    self.sim.down = False
                     self.sim._injections.clear()
             elif kind == "idle":
                 self.step(f"one pipeline in the idle project {self.idle}")
@@ -374,14 +422,17 @@ class Model:
         self.quiet()
 
     def quiet(self) -> None:
-        """The world comes to rest and stops; everything is healthy; a few clean cycles."""
-        self.step("quiet period: running pipelines finish, receiver and GitLab healthy, 3 cycles")
+        """The world comes to rest and stops; everything is healthy; a few clean cycles, the first after the
+        shipper's next discovery (a project created late is polled from then on)."""
+        self.step("quiet period: running pipelines finish, receiver and GitLab healthy, "
+                  f"{DISCOVERY_INTERVAL} s (one discovery interval), 3 cycles")
         for pid in self.mw.running():
             self.finish(pid, skew_allowed=False)
         for info in self.mw.live():  # never-started pipelines that were left "created"
             if self.mw.status(info.id) == "created":
                 self.mw.finish(info.id, "skipped")
         self.receiver_mode = "up"
+        self.clock.advance(DISCOVERY_INTERVAL)
         for i in range(3):
             self.cycle(label=f"quiet cycle {i + 1}")
 
@@ -417,6 +468,12 @@ class Model:
             keys.setdefault(key, set()).add(content)
             if 200 <= request.status < 300:
                 delivered.setdefault(content, set()).add(key)
+                matched = snapshots.get(content)
+                if matched is not None and matched.hidden and not doc.get("warnings"):
+                    v.append(f"HIDDEN JOBS UNFLAGGED: pipeline {doc['pipeline_id']} ({doc['status']}) was shipped "
+                             f"with the empty job list of a token that cannot read jobs and no warnings")
+                if doc.get("warnings") and not flagged and not (matched is not None and matched.hidden):
+                    v.append(f"UNEXPLAINED WARNINGS for pipeline {doc['pipeline_id']}: {doc['warnings']}")
                 if content not in snapshots:
                     history = "; ".join(f.describe() for f in self.mw.pipelines.get(doc["pipeline_id"], _NoInfo).finishes)
                     jobs = ", ".join(f"{j.name}#{j.id}:{j.status}:{len(j.log)}B" for j in content[3])
@@ -435,8 +492,8 @@ class Model:
                 if not self.passes(finish) or finish.content() in delivered:
                     continue
                 final = not info.deleted and finish.ended is None
-                stable = [c for c in self.cycles
-                          if c.complete and finish.born <= c.start and (finish.ended is None or finish.ended >= c.end)]
+                stable = [c for c in self.cycles if c.complete and finish.project_id in c.projects
+                          and finish.born <= c.start and (finish.ended is None or finish.ended >= c.end)]
                 if final or stable:
                     why = "final finish" if final else f"unchanged across {len(stable)} complete cycle(s)"
                     v.append(f"LOST ({why}): {finish.describe()}; project {finish.project_id}"

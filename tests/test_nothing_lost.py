@@ -3,7 +3,8 @@
 Each runs the real shipper in-process against the GitLab simulator and the receiver over loopback HTTP, with one
 virtual clock for GitLab (``World(clock=...)``, whose ``Date`` header follows it) and for the shipper.
 Interleavings inside a cycle (a deletion while page 2 is fetched, a retry between the pipeline GET and the jobs
-GET) use the simulator's request hook.
+GET) use the simulator's request hook (``GitLabSimulator.on_request``); manual plays and rows stamped by a node whose
+clock runs ahead use the World's own mutations (``play_job``, ``finish_job``, ``skew=``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -43,23 +44,6 @@ class Clock:
             self.now += timedelta(**delta)
 
 
-class HookedSimulator(GitLabSimulator):
-    """Calls ``hook(endpoint, args, params)`` before answering each request, outside the world lock."""
-
-    hook: Callable[[str, list[str], dict[str, str]], None] | None = None
-
-    def _answer(self, handler: Any) -> None:  # type: ignore[override]
-        from urllib.parse import parse_qsl, urlsplit
-
-        from gitlab_log_shipper.sim.gitlab import _route
-
-        if self.hook is not None:
-            split = urlsplit(handler.path)
-            endpoint, args = _route(split.path)
-            self.hook(endpoint, args, dict(parse_qsl(split.query)))
-        super()._answer(handler)
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -71,8 +55,8 @@ def world(clock: Clock) -> World:
 
 
 @pytest.fixture
-def sim(world: World) -> Iterator[HookedSimulator]:
-    with HookedSimulator(world) as simulator:
+def sim(world: World) -> Iterator[GitLabSimulator]:
+    with GitLabSimulator(world) as simulator:
         yield simulator
 
 
@@ -103,7 +87,7 @@ def _job_logs(doc: dict[str, Any]) -> dict[str, str]:
 # -- 1. offset paging and deletions ------------------------------------------------------------------
 
 
-def test_a_deletion_while_page_two_is_fetched_skips_no_row(tmp_path: Path, world: World, sim: HookedSimulator,
+def test_a_deletion_while_page_two_is_fetched_skips_no_row(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                            receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/busy")
     ids = []
@@ -118,12 +102,34 @@ def test_a_deletion_while_page_two_is_fetched_skips_no_row(tmp_path: Path, world
             if len(lists) == 2:  # page 2 is being fetched: auto-cleanup deletes the oldest pipeline
                 world.delete_pipeline(ids[0])
 
-    sim.hook = delete_first_while_paging
+    sim.on_request(delete_first_while_paging)
     report = _cycle(tmp_path, sim, receiver, clock, INITIAL_LOOKBACK="1d")
     shipped = set(by_pipeline(documents(receiver)))
     assert len(lists) >= 3
     assert shipped == set(ids[1:]) or shipped == set(ids), f"missing: {sorted(set(ids[1:]) - shipped)}"
     assert report.counts[SHIPPED] == len(shipped)
+
+
+@pytest.mark.xfail(strict=True, reason="shipper defect found by the model-based test (seed 225): the one-instant pass "
+                   "(source.py _list_one_instant) pages by offset, so case 1 recurs for >100 rows of one millisecond")
+def test_a_deletion_while_the_one_instant_pass_fetches_page_two_skips_no_row(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
+    project = world.add_project("team/bulk")
+    # 130 pipelines whose rows carry one updated_at (a bulk update; here: created at one instant), an hour ago
+    ids = [world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")]).id for _ in range(130)]
+    clock.advance(hours=1)
+
+    def delete_first_while_paging_the_instant(endpoint: str, args: list[str], params: dict[str, str]) -> None:
+        if endpoint == "pipelines" and params.get("order_by") == "id" and params.get("page") == "2":
+            if world.live_pipeline(ids[0]) is not None:
+                world.delete_pipeline(ids[0])
+
+    sim.on_request(delete_first_while_paging_the_instant)
+    _cycle(tmp_path, sim, receiver, clock, INITIAL_LOOKBACK="1d")
+    clock.advance(minutes=1)
+    _cycle(tmp_path, sim, receiver, clock, INITIAL_LOOKBACK="1d")  # the instant is outside POLL_OVERLAP by now
+    shipped = set(by_pipeline(documents(receiver)))
+    assert shipped >= set(ids[1:]), f"missing: {sorted(set(ids[1:]) - shipped)}"
 
 
 # -- 2. idle projects --------------------------------------------------------------------------------
@@ -141,6 +147,21 @@ def test_an_idle_project_keeps_its_window_across_a_downtime_longer_than_the_look
     clock.advance(hours=3)  # ... for longer than INITIAL_LOOKBACK + POLL_OVERLAP
     _cycle(tmp_path, sim, receiver, clock)
     assert late.id in by_pipeline(documents(receiver))
+
+
+@pytest.mark.xfail(strict=True, reason="shipper defect found while widening the model-based test: a project first seen "
+                   "on a later run (created, or re-created under its path, while the shipper was down) starts at "
+                   "now - INITIAL_LOOKBACK (shipper.py poll_project), not at the last moment the projects were polled")
+def test_a_project_created_while_the_shipper_is_down_keeps_what_finished_meanwhile(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
+    world.add_project("team/old")
+    _cycle(tmp_path, sim, receiver, clock)  # the shipper polls the token's projects, then is down from here ...
+    clock.advance(minutes=10)
+    new = world.add_project("team/new")
+    meanwhile = world.add_pipeline(new.id, jobs=[JobSpec("build", log="meanwhile\n")])
+    clock.advance(hours=3)  # ... for longer than INITIAL_LOOKBACK + POLL_OVERLAP
+    _cycle(tmp_path, sim, receiver, clock)
+    assert meanwhile.id in by_pipeline(documents(receiver))
 
 
 def test_a_project_whose_first_polls_fail_keeps_its_first_window(tmp_path: Path, world: World, sim: GitLabSimulator,
@@ -164,9 +185,9 @@ def test_a_row_from_the_future_does_not_move_the_cursor_past_gitlabs_now(
         tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock,
         caplog: pytest.LogCaptureFixture) -> None:
     project = world.add_project("team/skewed")
-    skewed = world.add_pipeline(project.id, jobs=[JobSpec("build", log="skewed\n")])
-    with world.lock:  # stamped by a GitLab node whose clock runs two hours ahead
-        skewed.updated_at = clock() + timedelta(hours=2)
+    skewed = world.add_pipeline(project.id, status="running", jobs=[JobSpec("build", "build", "running", log="skewed\n")])
+    world.finish_pipeline(skewed.id, "success", skew=timedelta(hours=2))  # on a GitLab node two hours ahead
+    assert skewed.updated_at == clock() + timedelta(hours=2)
     with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper"):
         _cycle(tmp_path, sim, receiver, clock)
     assert any("ahead of GitLab's clock" in r.getMessage() for r in caplog.records)
@@ -183,12 +204,6 @@ def test_a_row_from_the_future_does_not_move_the_cursor_past_gitlabs_now(
 # -- 4. backfill and pipelines without finished_at -----------------------------------------------------
 
 
-def _rest_without_finished_at(world: World, pipeline_id: int) -> None:
-    """GitLab stamps finished_at only on success/failed/canceled: skipped and manual pipelines have none."""
-    with world.lock:
-        world.pipelines[pipeline_id].finished_at = None
-
-
 def test_backfill_ships_skipped_and_manual_pipelines(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                       receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/app")
@@ -196,8 +211,8 @@ def test_backfill_ships_skipped_and_manual_pipelines(tmp_path: Path, world: Worl
     manual = world.add_pipeline(project.id, status="manual",
                                 jobs=[JobSpec("build", log="built\n"), JobSpec("deploy", "deploy", "manual")])
     done = world.add_pipeline(project.id, status="success", jobs=[JobSpec("build", log="ok\n")])
-    for pipeline in (skipped, manual):
-        _rest_without_finished_at(world, pipeline.id)
+    # GitLab stamps finished_at only on success/failed/canceled (the World does the same)
+    assert skipped.finished_at is None and manual.finished_at is None
     clock.advance(hours=2)
     shipper = _shipper(tmp_path, sim, receiver, clock)
     try:
@@ -215,17 +230,20 @@ def test_backfill_ships_skipped_and_manual_pipelines(tmp_path: Path, world: Worl
 def test_a_pipeline_blocking_on_its_next_manual_job_is_a_new_finish(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                                     receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/deploys")
+    # blocked on production (a manual job not allowed to fail); staging is an optional manual job
     pipeline = world.add_pipeline(project.id, status="manual", jobs=[
         JobSpec("build", "build", log="built\n"), JobSpec("staging", "deploy", "manual"),
-        JobSpec("production", "release", "manual")])
-    _rest_without_finished_at(world, pipeline.id)
+        JobSpec("production", "release", "manual", allow_failure=False)])
+    assert pipeline.finished_at is None
     _cycle(tmp_path, sim, receiver, clock)
     clock.advance(minutes=2)
-    with world.lock:  # staging is played, runs, succeeds; the pipeline blocks on production again
-        staging = next(j for j in world.jobs.values() if j.pipeline_id == pipeline.id and j.name == "staging")
-        staging.status, staging.started_at, staging.finished_at = "success", clock() - timedelta(seconds=50), clock()
-        staging.log = "deployed to staging\n"
-        world.pipelines[pipeline.id].updated_at = clock()
+    # staging is played, runs, succeeds; the pipeline blocks on production again
+    staging = next(j for j in world.pipeline_jobs(pipeline.id) if j.name == "staging")
+    world.set_job_log(staging.id, "deployed to staging\n")
+    world.play_job(staging.id)
+    clock.advance(seconds=50)
+    world.finish_job(staging.id, "success")
+    assert pipeline.status == "manual" and pipeline.finished_at is None
     clock.advance(minutes=1)
     _cycle(tmp_path, sim, receiver, clock)
     posts = [r for r in receiver.accepted() if r.json()["pipeline_id"] == pipeline.id]
@@ -255,7 +273,7 @@ def test_a_404_on_one_job_log_ships_the_pipeline_with_that_log_flagged(tmp_path:
     assert any("log_error" in w or "404" in w for w in doc["warnings"])
 
 
-def test_a_404_on_a_log_of_a_deleted_pipeline_is_gone(tmp_path: Path, world: World, sim: HookedSimulator,
+def test_a_404_on_a_log_of_a_deleted_pipeline_is_gone(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                       receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/app")
     pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="b\n")])
@@ -264,7 +282,7 @@ def test_a_404_on_a_log_of_a_deleted_pipeline_is_gone(tmp_path: Path, world: Wor
         if endpoint == "trace":
             world.delete_pipeline(pipeline.id)
 
-    sim.hook = delete_on_trace
+    sim.on_request(delete_on_trace)
     report = _cycle(tmp_path, sim, receiver, clock)
     assert report.counts["gone"] == 1 and not receiver.accepted()
 
@@ -273,7 +291,7 @@ def test_a_404_on_a_log_of_a_deleted_pipeline_is_gone(tmp_path: Path, world: Wor
 
 
 def test_a_retry_between_the_pipeline_and_the_jobs_get_ships_no_mixed_document(
-        tmp_path: Path, world: World, sim: HookedSimulator, receiver: Receiver, clock: Clock) -> None:
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/app")
     pipeline = world.add_pipeline(project.id, status="failed", jobs=[JobSpec("build", "build", log="b\n"),
                                                                     JobSpec("test", "test", "failed", log="boom\n")])
@@ -284,7 +302,7 @@ def test_a_retry_between_the_pipeline_and_the_jobs_get_ships_no_mixed_document(
             retried.set()
             world.retry_pipeline(pipeline.id)
 
-    sim.hook = retry_once
+    sim.on_request(retry_once)
     report = _cycle(tmp_path, sim, receiver, clock)
     assert report.counts[CHANGED] == 1 and not receiver.accepted(), report.summary()
     clock.advance(minutes=3)
@@ -369,7 +387,7 @@ def test_the_commit_email_cache_is_safe_under_threads(tmp_path: Path, world: Wor
 
 
 def test_a_pipeline_that_keeps_failing_does_not_pin_the_cursor_and_is_retried_with_backoff(
-        tmp_path: Path, world: World, sim: HookedSimulator, receiver: Receiver, clock: Clock) -> None:
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/app")
     bad = world.add_pipeline(project.id, jobs=[JobSpec("build", log="bad\n")])
     jobs_requests = []
@@ -379,7 +397,7 @@ def test_a_pipeline_that_keeps_failing_does_not_pin_the_cursor_and_is_retried_wi
             jobs_requests.append(clock())
             sim.inject("pipeline_jobs", 400)  # not retried within the cycle: the pipeline fails
 
-    sim.hook = fail_jobs_of_bad
+    sim.on_request(fail_jobs_of_bad)
     cursors = []
     for _ in range(8):
         report = _cycle(tmp_path, sim, receiver, clock)
@@ -393,7 +411,7 @@ def test_a_pipeline_that_keeps_failing_does_not_pin_the_cursor_and_is_retried_wi
     assert snapshot["retrying"]["pipelines"] == 1 and "400" in snapshot["retrying"]["entries"][0]["reason"]
     assert len(jobs_requests) < 8, "retried with backoff, not on every cycle"
     # The fault clears; the pipeline has long left the listing window (cursor - overlap) and still ships.
-    sim.hook = None
+    sim.remove_request_hook(fail_jobs_of_bad)
     sim._injections.clear()
     clock.advance(hours=2)
     _cycle(tmp_path, sim, receiver, clock)
