@@ -201,6 +201,7 @@ class Shipper:
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
         self.missing_projects: list[DiscoveryProblem] = []  # of the latest discovery
+        self._previous_poll: datetime | None = None  # the newest cursor at the start of the cycle
         # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
         # are polled, their pipelines shipped and each pipeline's logs fetched CONCURRENCY at a time.
         workers = config.concurrency
@@ -308,6 +309,10 @@ class Shipper:
                 report.error(f"{project.id}: {_without_prefix(str(exc), project.id)}")
                 return False
 
+        # Taken before any project of this cycle moves its cursor (they are polled concurrently): when the last
+        # cycle reached GitLab, for the first window of a project that appeared since (see poll_project).
+        known = self.state.cursors()
+        self._previous_poll = max(known.values()) if known else None
         polled = sum(_all_results(self._project_pool, poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
         if self.delivery is not None:
@@ -321,8 +326,12 @@ class Shipper:
         if cursor is None:
             # Stored at once, before the first listing: a project whose first polls fail (or that stays idle) keeps
             # this window start instead of recomputing "now - INITIAL_LOOKBACK" on every run (which, after a
-            # downtime longer than the look-back, would skip what finished meanwhile).
+            # downtime longer than the look-back, would skip what finished meanwhile). A project that appears on a
+            # later run (created, shared or re-created while the shipper was down) starts no later than the last
+            # successful poll of any project: what it ran since then was never looked at.
             cursor = started - timedelta(seconds=self.config.initial_lookback)
+            if self._previous_poll is not None:
+                cursor = min(cursor, self._previous_poll)
             log.info("project %s: first poll, looking back to %s", project.id, format_ts(cursor))
             self.state.set_cursor(project.id, cursor)
         since = cursor - timedelta(seconds=self.config.poll_overlap)

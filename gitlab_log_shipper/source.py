@@ -20,7 +20,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 from urllib.parse import quote, urlsplit
 
 import gitlab

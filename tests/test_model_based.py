@@ -31,7 +31,6 @@ each failing seed with its step sequence and what the oracle found.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
