@@ -406,33 +406,28 @@ class GitLabSource:
         failure (GitLab down, token rejected) raises: then nothing can be polled."""
         found: dict[int, ProjectRef] = {}
 
-        def missing(ref: str, exc: GitLabSourceError) -> bool:
-            if exc.status not in (403, 404):
-                return False
-            if problems is not None:
-                problems.append(DiscoveryProblem(ref, str(exc)))
-            return True
+        def unless_missing(ref: str, read: Callable[[], T]) -> T | None:
+            try:
+                return read()
+            except GitLabSourceError as exc:
+                if exc.status not in (403, 404):
+                    raise
+                if problems is not None:
+                    problems.append(DiscoveryProblem(ref, str(exc)))
+                return None
 
         for ref in projects:
-            try:
-                project = self.get_project(ref)
-            except GitLabSourceError as exc:
-                if missing(f"project {ref}", exc):
-                    continue
-                raise
-            found[project.id] = project
+            project = unless_missing(f"project {ref}", lambda r=ref: self.get_project(r))  # type: ignore[misc]
+            if project is not None:
+                found[project.id] = project
         for group_ref in groups:
             def list_group(g: str = group_ref) -> list[ProjectRef]:
                 group = self.gl.groups.get(g, lazy=True)
                 return [_project(p) for p in group.projects.list(
                     iterator=True, include_subgroups=True, with_shared=False, archived=False, per_page=PER_PAGE)]
-            try:
-                members = self._call(f"group {group_ref}", list_group)
-            except GitLabSourceError as exc:
-                if missing(f"group {group_ref}", exc):
-                    continue
-                raise
-            for project in members:
+            members = unless_missing(f"group {group_ref}",
+                                     lambda g=group_ref, f=list_group: self._call(f"group {g}", f))  # type: ignore[misc]
+            for project in members or []:
                 found.setdefault(project.id, project)
         if not projects and not groups:
             for project in self._call("projects of the token's user", lambda: [

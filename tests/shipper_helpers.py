@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from datetime import datetime, timedelta
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 from click.testing import CliRunner, Result
@@ -105,3 +107,41 @@ def documents(receiver: Receiver) -> list[dict[str, Any]]:
 
 def by_pipeline(docs: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {doc["pipeline_id"]: doc for doc in docs}
+
+
+class ManualClock:
+    """A clock tests move by hand (``advance(90)`` or ``advance(minutes=2)``); safe to read from worker threads."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float = 0.0, **delta: float) -> datetime:
+        with self._lock:
+            self.now += timedelta(seconds=seconds, **delta)
+            return self.now
+
+
+def within(seconds: float, fn: Callable[[], Any], what: str = "") -> Any:
+    """``fn()``'s result, or the exception it raised, returned; fails the test instead of hanging it when ``fn``
+    takes longer than ``seconds``."""
+    import pytest
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still running after {seconds} s{': ' + what if what else ''}")
+    return outcome.get("error", outcome.get("value"))

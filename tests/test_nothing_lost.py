@@ -25,28 +25,17 @@ from gitlab_log_shipper.sim.world import JobSpec, World
 from gitlab_log_shipper.source import GitLabSource
 from gitlab_log_shipper.status import collect, render
 
-from shipper_helpers import by_pipeline, documents, make_env
+from shipper_helpers import ManualClock, by_pipeline, documents, make_env
 
 T0 = datetime(2026, 11, 2, 9, 0, 0, tzinfo=timezone.utc)
 
 
-class Clock:
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def advance(self, **delta: float) -> None:
-        with self._lock:
-            self.now += timedelta(**delta)
+Clock = ManualClock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture

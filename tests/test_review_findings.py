@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -21,28 +21,17 @@ from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
 from gitlab_log_shipper.source import GitLabSource
 
-from shipper_helpers import by_pipeline, documents, make_env
+from shipper_helpers import ManualClock, by_pipeline, documents, make_env, within
 
 T0 = datetime(2026, 11, 2, 9, 0, 0, tzinfo=timezone.utc)
 
 
-class Clock:
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def advance(self, **delta: float) -> None:
-        with self._lock:
-            self.now += timedelta(**delta)
+Clock = ManualClock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -54,24 +43,6 @@ def world(clock: Clock) -> World:
 def receiver() -> Iterator[Receiver]:
     with Receiver() as rec:
         yield rec
-
-
-def _within(seconds: float, fn: Callable[[], Any]) -> Any:
-    """``fn()``'s result (or the exception it raised); fails the test instead of hanging it."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"still running after {seconds} s")
-    return outcome.get("error", outcome.get("value"))
 
 
 # -- 2. JOB_LOG_TIMEOUT does not cover the answer's head ------------------------------------------------
@@ -119,7 +90,7 @@ def test_job_log_timeout_bounds_a_log_whose_headers_trickle(tmp_path: Path, worl
             try:
                 with open(out, "wb") as sink:
                     started = time.monotonic()
-                    outcome = _within(8, lambda: source.fetch_trace(project.id, pipeline.job_ids[0], sink,
+                    outcome = within(8, lambda: source.fetch_trace(project.id, pipeline.job_ids[0], sink,
                                                                      timeout=config.job_log_timeout))
                     elapsed = time.monotonic() - started
             finally:

@@ -17,24 +17,17 @@ import requests
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.world import JobSpec, Project, World
 
+from shipper_helpers import ManualClock
+
 T0 = datetime(2026, 10, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
 
 
-class Clock:
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
+Clock = ManualClock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -138,7 +131,7 @@ def test_link_urls_are_rebuilt_from_grape_params(frozen: World, sim: GitLabSimul
     }
     assert "%2B00%3A00" in r.links["next"]["url"]  # CGI.escape of "+00:00"
     # An offset stays as sent; the project path as sent (one segment, escaped).
-    by_path = get(sim, f"/projects/acme%2Fapp/pipelines", per_page=2, created_after="2026-10-01T11:00:00.5+01:00")
+    by_path = get(sim, "/projects/acme%2Fapp/pipelines", per_page=2, created_after="2026-10-01T11:00:00.5+01:00")
     assert dict(link_query(by_path, "first"))["created_after"] == "2026-10-01T11:00:00+01:00"
     assert dict(link_query(by_path, "first"))["id"] == "acme/app"
     # Jobs: pipeline_id and include_retried's default; scope[] as an array.

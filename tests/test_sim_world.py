@@ -15,26 +15,17 @@ import pytest
 from gitlab_log_shipper.sim.logs import LogSpec, iter_log, log_bytes, log_size
 from gitlab_log_shipper.sim.world import JobSpec, World
 
+from shipper_helpers import ManualClock
+
 T0 = datetime(2026, 10, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
 
 
-class Clock:
-    """A clock tests move by hand."""
-
-    def __init__(self, start: datetime = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
+Clock = ManualClock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture

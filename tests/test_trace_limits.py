@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -32,7 +32,7 @@ from gitlab_log_shipper.source import GitLabSource
 from gitlab_log_shipper import spool
 from gitlab_log_shipper.spool import CappedLog
 
-from shipper_helpers import make_env
+from shipper_helpers import make_env, within
 
 TRICKLE_EVERY = 0.2  # seconds between two trickled bytes: far below GITLAB_TIMEOUT=1
 
@@ -89,26 +89,6 @@ def trickle_sim(world: World) -> Iterator[TrickleSimulator]:
             sim.release.set()  # let a download that did not give up end, so the server can stop
 
 
-def _within(seconds: float, fn: Callable[[], Any]) -> Any:
-    """``fn()``'s result (or the exception it raised), failing the test, not hanging it, when it takes longer."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"still running after {seconds} s: the download has no overall deadline")
-    if "error" in outcome:
-        return outcome["error"]
-    return outcome["value"]
-
-
 def _config(tmp_path: Path, sim: GitLabSimulator, **extra: str) -> Any:
     return load_config(None, {**make_env(tmp_path, sim, None).values, "GITLAB_TIMEOUT": "1", **extra})
 
@@ -141,7 +121,7 @@ def test_a_trickling_log_fails_within_job_log_timeout(tmp_path: Path, world: Wor
     try:
         with open(out, "w+b") as sink:
             started = time.monotonic()
-            error = _within(15, lambda: source.fetch_trace(project.id, job_id, sink, timeout=config.job_log_timeout))
+            error = within(15, lambda: source.fetch_trace(project.id, job_id, sink, timeout=config.job_log_timeout))
             elapsed = time.monotonic() - started
     finally:
         source.close()
@@ -165,7 +145,7 @@ def test_a_trickling_log_delays_only_its_own_pipeline(tmp_path: Path, world: Wor
     shipper = Shipper(config)
     try:
         started = time.monotonic()
-        report = _within(20, shipper.run_cycle)
+        report = within(20, shipper.run_cycle)
         elapsed = time.monotonic() - started
         outcomes = {r.pipeline_id: r for r in report.results}
         assert outcomes[fast.id].outcome == SHIPPED
@@ -175,7 +155,7 @@ def test_a_trickling_log_delays_only_its_own_pipeline(tmp_path: Path, world: Wor
         assert [p.name for p in config.log_output_dir.glob("*/pipeline_*")] == [f"pipeline_{fast.id}"]
 
         trickle_sim.release.set()  # GitLab serves the log normally again: the next cycle ships it
-        report = _within(20, shipper.run_cycle)
+        report = within(20, shipper.run_cycle)
         assert [(r.pipeline_id, r.outcome) for r in report.results] == [(slow.id, SHIPPED)]
         [log_file] = config.log_output_dir.glob(f"*/pipeline_{slow.id}/job_*_slow.log")
         assert log_file.read_bytes() == b"slow log\n"
@@ -256,7 +236,7 @@ def test_a_50_mb_log_never_takes_more_than_the_cap_in_the_spool(tmp_path: Path, 
     shipper = Shipper(config)
     try:
         with _SpoolWatcher(shipper.spool_root, monkeypatch) as watcher:
-            report = _within(60, shipper.run_cycle)
+            report = within(60, shipper.run_cycle)
     finally:
         shipper.close()
     assert [(r.pipeline_id, r.outcome, r.log_bytes) for r in report.results] == [(pipeline.id, SHIPPED, 50_000_000)]
