@@ -8,17 +8,21 @@ stays green and each flips to a failure (XPASS) the moment its fix lands, when i
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import urllib3.response
 
 from gitlab_log_shipper.config import load_config
 from gitlab_log_shipper.shipper import FAILED, SHIPPED, Shipper
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
+from gitlab_log_shipper.source import GitLabSource
 from gitlab_log_shipper.state import StateStore
 from gitlab_log_shipper.timeutil import format_ts
 
@@ -255,3 +259,93 @@ def test_upgrade_from_a_store_whose_cursor_an_old_version_pushed_into_the_future
     finally:
         shipper.close()
     assert _posts_of(receiver, missed.id) == 1, f"pipeline {missed.id} (finished 2 min after the last old poll) lost"
+
+
+# -- 7. upgrade: a skipped or manual pipeline the old version shipped is shipped again under a new key by backfill --
+
+
+@pytest.mark.xfail(strict=True, reason="review2-7: finish_of gives skipped/manual pipelines 'status|jobs:<digest>'; "
+                                       "the 'skipped|' / 'manual|' finishes ea99c49 recorded never match it")
+def test_backfill_after_the_upgrade_does_not_ship_again_what_the_old_version_shipped(
+        tmp_path: Path, world: World, sim: GitLabSimulator, receiver: Receiver, clock: ManualClock) -> None:
+    """ea99c49 keyed every finish ``status|finished_at``: a skipped pipeline (no finished_at on GitLab) shipped by its
+    daemon was recorded as ``skipped|``. The new ``finish_of`` says ``skipped|jobs:<digest>``, so `backfill` (which
+    skips "finishes shipped before") ships every such pipeline of the window again, under another Idempotency-Key:
+    the receiver cannot tell it is the same document. (The daemon is spared only because the list row is unchanged.)"""
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, status="skipped", jobs=[JobSpec("build", status="skipped")])
+    old = StateStore(tmp_path / "state")
+    try:  # what ea99c49's daemon recorded for it
+        old.record_shipped(project.id, pipeline.id, "skipped|", "key-of-ea99c49", "sent", clock(),
+                           ("skipped", format_ts(pipeline.updated_at)))
+    finally:
+        old.close()
+    clock.advance(minutes=10)
+    shipper = _shipper(tmp_path, sim, receiver, clock, GITLAB_PROJECTS=project.path_with_namespace)
+    try:
+        shipper.run_cycle()
+        assert _posts_of(receiver, pipeline.id) == 0  # the daemon: its row is unchanged
+        shipper.backfill(T0 - timedelta(hours=1), clock(), shipper.resolve_projects([str(project.id)]))
+    finally:
+        shipper.close()
+    assert _posts_of(receiver, pipeline.id) == 0, "shipped again under a new Idempotency-Key"
+
+
+# -- 8. the job-log deadline can shut down a connection another download is using by then -----------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review2-8: Watch.fire for a response checks raw._connection, which urllib3's "
+                                       "release_conn clears only after _put_conn handed the connection to the pool")
+def test_a_log_deadline_never_shuts_a_connection_another_download_took_from_the_pool(
+        tmp_path: Path, world: World, sim: GitLabSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fetch_trace`` arms two watches: one on the pooled connection (disarmed in ``DeadlinePool._put_conn``, under
+    the watchdog's lock, before the connection is back in the pool: safe) and one on the response (``Watch.raw``).
+    The second fires "only while the response still holds its connection", tested as ``raw._connection is
+    self._connection``. But urllib3's ``HTTPResponse.release_conn`` is ``self._pool._put_conn(conn)`` *then*
+    ``self._connection = None`` (urllib3 2.x response.py): in between, the connection is in the pool, another worker
+    may take it (the pool is LIFO: the next request gets exactly this one), and a deadline that passes then makes the
+    watchdog call ``raw.shutdown()`` on the socket that worker is reading. The window is a few bytecodes wide in
+    production; here the first download is held in it (only the timing is changed, no request is faked) so that the
+    deadline passes there. The other download's stream breaks and is fetched again (or fails), though nothing was
+    wrong with it."""
+    project = world.add_project("team/app")
+    pipeline = world.add_pipeline(project.id, jobs=[JobSpec("a", log="short log\n"),
+                                                    JobSpec("b", log="".join(f"line {i}\n" for i in range(40)))])
+    job_a, job_b = pipeline.job_ids
+    sim.faults.update(trace_trickle=(16, 0.05), trace_trickle_jobs=frozenset({job_b}))  # b takes ~1.5 s to send
+    source = GitLabSource(load_config(None, make_env(tmp_path, sim, None, RETRY_ATTEMPTS="0").values))
+    in_window, b_started = threading.Event(), threading.Event()
+    original = urllib3.response.HTTPResponse.release_conn
+
+    def release_conn_slowly(self: urllib3.response.HTTPResponse) -> None:
+        if threading.current_thread().name != "download-a" or in_window.is_set() or not self._connection:
+            return original(self)
+        self._pool._put_conn(self._connection)  # as urllib3 does: back in the pool first ...
+        in_window.set()
+        b_started.wait(5)
+        time.sleep(1.0)  # ... the deadline (0.5 s) passes while the response still names the connection ...
+        self._connection = None  # ... and only then forgets it
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "release_conn", release_conn_slowly)
+    errors: list[BaseException] = []
+
+    def download_a() -> None:
+        try:
+            with open(tmp_path / "a.log", "wb") as out:
+                source.fetch_trace(project.id, job_a, out, timeout=0.5)
+        except Exception as exc:  # noqa: BLE001 - a's own fate is not what this test is about
+            errors.append(exc)
+
+    a = threading.Thread(target=download_a, name="download-a")
+    try:
+        sim.reset_counters()
+        a.start()
+        assert in_window.wait(5)
+        b_started.set()
+        with open(tmp_path / "b.log", "wb") as out:  # no deadline of its own; takes a's connection from the pool
+            source.fetch_trace(project.id, job_b, out, timeout=None)
+        a.join(10)
+    finally:
+        source.close()
+    assert (tmp_path / "b.log").read_text() == "".join(f"line {i}\n" for i in range(40))
+    assert sim.counters["trace"] == 2, f"b's download was broken by a's deadline and fetched again ({sim.counters['trace']} trace requests)"
