@@ -6,9 +6,11 @@ every few seconds never trips it, and ``iter_content(256 KiB)`` over urllib3 wai
 
 * :class:`BodyCopy` reads with ``read1`` (urllib3 >= 2.1), which returns whatever one socket read gave,
   and checks the deadline after each: a trickle ends at most one GITLAB_TIMEOUT after the deadline;
-* :data:`WATCHDOG` shuts the socket's read side down at the deadline, for the reads no check between
-  reads can interrupt: http.client's readline of a chunk-size line or of the trailers, which a
-  trickle can keep going for ever. The blocked read then returns, and the download fails.
+* :data:`WATCHDOG` shuts the connection's socket down at the deadline, for the reads no check between
+  reads can interrupt: http.client's readline of the status line, a header, a chunk-size line or the
+  trailers, which a trickle can keep going for ever. The blocked read then returns, and the download
+  fails. Connections are armed when they leave the pool inside a :class:`RequestDeadline` and disarmed
+  when they go back (:class:`DeadlinePool`).
 
 requests' iter_content turns urllib3's errors into requests' own; BodyCopy does the same, so callers
 keep catching ChunkedEncodingError / ConnectionError for a broken stream.
@@ -138,7 +140,7 @@ class DeadlinePool:
             raise DeadlinePassed()
         conn = super()._get_conn(timeout)  # type: ignore[misc]
         if at is not None:
-            conn._gls_watch = WATCHDOG.arm(at, None, connection=conn)
+            conn._gls_watch = WATCHDOG.arm(at, conn)
         return conn
 
     def _put_conn(self, conn: Any) -> None:
@@ -150,51 +152,34 @@ class DeadlinePool:
 
 
 class Watch:
-    """One armed deadline; ``fired`` tells the download that its socket was shut down on purpose. It watches a
-    response (``raw``, while the response holds its connection) or a connection taken from a pool (until it goes
-    back there)."""
+    """One armed deadline on a connection taken from a pool; ``fired`` says its socket was shut down on purpose.
+    It is disarmed (under the watchdog's lock) when the connection goes back to the pool, so it never touches a
+    connection another request took since."""
 
-    def __init__(self, deadline: float, raw: Any, connection: Any = None) -> None:
+    def __init__(self, deadline: float, connection: Any) -> None:
         self.deadline = deadline
-        self.raw = raw
+        self.connection = connection
         self.fired = False
         self.cancelled = False
         self.in_heap = True  # the watchdog's bookkeeping
-        self._connection = getattr(raw, "_connection", None)
-        self._pooled = connection
 
     def cancel(self) -> None:
-        """The download ended (either way): the watchdog no longer touches its response."""
+        """The connection went back to the pool (or the request is over): the watchdog no longer touches it."""
         WATCHDOG.disarm(self)
 
     def fire(self) -> None:
         """Called by the watchdog, with its lock held."""
-        raw = self.raw
-        if self.cancelled:
-            return
-        if self._pooled is not None:  # disarmed (under this lock) when it goes back to the pool
-            sock = getattr(self._pooled, "sock", None)
-            self.fired = True
-            if sock is not None:
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
-                except (OSError, TypeError):
-                    pass
-            return
-        if raw is None:
-            return
-        # Only while the response still holds its connection: once the body is complete urllib3 returns
-        # the connection to the pool, and another request may be using it.
-        if self._connection is None or getattr(raw, "_connection", None) is not self._connection:
+        if self.cancelled or self.connection is None:
             return
         self.fired = True
+        sock = getattr(self.connection, "sock", None)
+        if sock is None:
+            return  # not connected (yet, or any more): the connect timeout bounds it, DeadlinePool refuses a retry
         try:
-            if hasattr(raw, "shutdown"):  # urllib3 >= 2.3: made for this (another thread stops a read)
-                raw.shutdown()
-            else:
-                self._connection.sock.shutdown(socket.SHUT_RD)
-        except (OSError, ValueError, RuntimeError, AttributeError):
-            pass  # the connection closed meanwhile: nothing left to stop
+            # The plain socket's shutdown, also under TLS: the reading thread's blocked read returns at once.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, TypeError):
+            pass  # closed meanwhile: nothing left to stop
 
 
 class Watchdog:
@@ -208,8 +193,8 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._stale = 0  # cancelled watches still in the heap
 
-    def arm(self, deadline: float, raw: Any, *, connection: Any = None) -> Watch:
-        watch = Watch(deadline, raw, connection)
+    def arm(self, deadline: float, connection: Any) -> Watch:
+        watch = Watch(deadline, connection)
         with self._cond:
             heapq.heappush(self._heap, (deadline, next(self._order), watch))
             if self._thread is None or not self._thread.is_alive():
@@ -224,8 +209,7 @@ class Watchdog:
             if watch.cancelled:
                 return
             watch.cancelled = True
-            watch.raw = None
-            watch._pooled = None
+            watch.connection = None
             if not watch.in_heap:
                 return
             self._stale += 1

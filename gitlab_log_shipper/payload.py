@@ -75,6 +75,13 @@ def finish_of(pipeline: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]] | N
     return f"{status}|jobs:{digest}"
 
 
+def is_legacy_finish(finish: str, pipeline: Mapping[str, Any]) -> bool:
+    """``finish`` is what versions before the jobs digest recorded for this skipped or manual pipeline
+    (``status|finished_at``, mostly ``status|``): it cannot be compared with :func:`finish_of`'s."""
+    status = str(pipeline.get("status"))
+    return status in _RESTS_WITHOUT_FINISH and "|jobs:" not in finish and finish.split("|", 1)[0] == status
+
+
 def rest_time(pipeline: Mapping[str, Any]) -> str | None:
     """When the pipeline came to rest: ``finished_at``, else (skipped and manual pipelines, which GitLab leaves
     without one) ``updated_at``. This is the time ``backfill --since/--until`` windows are matched against."""

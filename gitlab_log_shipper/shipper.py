@@ -41,6 +41,7 @@ from .payload import (
     escaped_size,
     finish_of,
     fit_budgets,
+    is_legacy_finish,
     truncate_log,
     idempotency_key,
     rest_time,
@@ -315,10 +316,44 @@ class Shipper:
         self._previous_poll = max(known.values()) if known else None
         polled = sum(_all_results(self._project_pool, poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
+        if polled and not self.stop.is_set():
+            self._retry_unpolled(projects, report)
         if self.delivery is not None:
             report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
         self.state.prune(self.clock())
         log.info("cycle done: %s", report.summary())
+
+    def _retry_unpolled(self, projects: list[ProjectRef], report: CycleReport) -> None:
+        """Retry-list entries of projects this cycle did not poll: put there by `backfill --project` or `post` for a
+        project outside the configuration, or left by a project taken out of it. Those the project filters
+        (LOG_SAVE_PROJECTS, LOG_EXCLUDE_PROJECTS, SHARD) now exclude are dropped, with a log line; the others are
+        worked off like any, by id, so that what failed is not lost because the configuration changed."""
+        polled = {project.id for project in projects}
+        orphans: dict[int, list[RetryEntry]] = {}
+        for entry in self.state.retries():
+            if entry.project_id not in polled:
+                orphans.setdefault(entry.project_id, []).append(entry)
+        for project_id, entries in orphans.items():
+            if not self.project_allowed(project_id):
+                log.warning("project %s is excluded by the project filters now; dropping %d pipeline(s) from the "
+                            "retry list (resend one with `post --pipeline-id N --project %s`)", project_id,
+                            len(entries), project_id)
+                for entry in entries:
+                    self.state.clear_retry(project_id, entry.pipeline_id)
+                continue
+            try:
+                project = self.source.get_project(project_id)
+            except GitLabSourceError as exc:
+                if exc.gone:
+                    log.warning("project %s is gone from GitLab; dropping its %d pipeline(s) from the retry list",
+                                project_id, len(entries))
+                    for entry in entries:
+                        self.state.clear_retry(project_id, entry.pipeline_id)
+                else:
+                    report.error(f"{project_id}: {_without_prefix(str(exc), project_id)}")
+                continue
+            for result in _all_results(self._pipeline_pool, lambda task: task(), self._retry_tasks(project, entries)):
+                report.add(result)
 
     def poll_project(self, project: ProjectRef, report: CycleReport) -> None:
         started = self.clock()
@@ -333,7 +368,17 @@ class Shipper:
             if self._previous_poll is not None:
                 cursor = min(cursor, self._previous_poll)
             log.info("project %s: first poll, looking back to %s", project.id, format_ts(cursor))
-            self.state.set_cursor(project.id, cursor)
+            self.state.set_cursor(project.id, cursor, started)
+        else:
+            bound = self.state.legacy_cursor_bound(project.id)
+            if bound is not None and cursor > bound:
+                # Written by an older version, which moved cursors to the newest row's updated_at (one stamped by a
+                # GitLab node whose clock ran ahead could push it past pipelines finishing meanwhile): not trusted
+                # past the last time this machine handled anything for the project.
+                log.warning("project %s: its cursor %s (written by an older version) is later than anything this "
+                            "machine stamped for it (%s); listing from there", project.id, format_ts(cursor),
+                            format_ts(bound))
+                cursor = bound
         since = cursor - timedelta(seconds=self.config.poll_overlap)
         listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
         if listing.gitlab_now is not None and since > listing.gitlab_now:
@@ -352,9 +397,7 @@ class Shipper:
         tasks: list[Callable[[], ShipResult]] = [
             (lambda row=row: self._handle_row(project, row, waiting.get(int(row["id"])))) for row in listing.rows.values()]
         # Pipelines that failed before and are not in this listing any more (their rows left the window): by id.
-        now = self.clock()
-        tasks += [(lambda entry=entry: self._retry(project, entry)) for entry in waiting.values()
-                  if entry.pipeline_id not in listing.rows and parse_ts(entry.next_attempt_at) <= now]
+        tasks += self._retry_tasks(project, [entry for entry in waiting.values() if entry.pipeline_id not in listing.rows])
         results = _all_results(self._pipeline_pool, lambda task: task(), tasks)
         if self.stop.is_set():
             return  # cursor untouched: what was cut short is polled again after the restart
@@ -368,8 +411,20 @@ class Shipper:
         if listing.gitlab_now is not None and abs((listing.gitlab_now - started).total_seconds()) > self.config.poll_overlap:
             log.warning("project %s: GitLab's clock (%s) and this machine's (%s) differ by more than POLL_OVERLAP; "
                         "check NTP on both", project.id, format_ts(listing.gitlab_now), format_ts(started))
-        if new_cursor != cursor:
-            self.state.set_cursor(project.id, new_cursor)
+        self.state.set_cursor(project.id, new_cursor, started)
+
+    def _retry_tasks(self, project: ProjectRef, entries: Iterable[RetryEntry]) -> list[Callable[[], ShipResult]]:
+        """Retry-list entries whose rows are not in a listing: the due ones are read by id, the others are reported
+        as waiting (so that a cycle with a pipeline still undelivered is never "complete")."""
+        now = self.clock()
+        tasks: list[Callable[[], ShipResult]] = []
+        for entry in entries:
+            if parse_ts(entry.next_attempt_at) <= now:
+                tasks.append(lambda entry=entry: self._retry(project, entry))
+            else:
+                tasks.append(lambda entry=entry: ShipResult(RETRY_WAITING, project.id, entry.pipeline_id,
+                                                            reason=entry.reason))
+        return tasks
 
     def _handle_row(self, project: ProjectRef, row: Mapping[str, Any], waiting: RetryEntry | None = None) -> ShipResult:
         pipeline_id = int(row["id"])
@@ -394,14 +449,14 @@ class Shipper:
         # A pipeline on the retry list is shipped even if its finish was delivered: it is there because something
         # else failed (dual mode: its files), and a resend carries the same Idempotency-Key.
         shipped = seen.shipped_finish if seen and waiting is None else None
-        return self._ship_listed(project, pipeline_id, (status, updated_at), shipped)
+        return self._ship_listed(project, pipeline_id, (status, updated_at), shipped, waiting)
 
     def _retry(self, project: ProjectRef, entry: RetryEntry) -> ShipResult:
         """A pipeline that failed before and is no longer in the listing window: read it by id."""
-        return self._ship_listed(project, entry.pipeline_id, entry.list_row, None)
+        return self._ship_listed(project, entry.pipeline_id, entry.list_row, None, entry)
 
     def _ship_listed(self, project: ProjectRef, pipeline_id: int, list_row: tuple[str, str] | None,
-                     shipped_finish: str | None) -> ShipResult:
+                     shipped_finish: str | None, waiting: RetryEntry | None) -> ShipResult:
         """Filters, the pipeline GET, de-duplication, then :meth:`ship`; failures are kept for another attempt."""
         base = ShipResult(UNCHANGED, project.id, pipeline_id)
         status = list_row[0] if list_row else None
@@ -410,7 +465,7 @@ class Shipper:
         try:
             detail = self.source.get_pipeline(project.id, pipeline_id)
         except GitLabSourceError as exc:
-            return self._keep_for_retry(self._source_failure(project, pipeline_id, exc, list_row), list_row)
+            return self._keep_for_retry(self._source_failure(project, pipeline_id, exc, list_row), list_row, waiting)
         current = str(detail.get("status"))
         if current not in FINISHED_STATUSES:
             # Reopened since it was listed (a retry, a manual job played): its next finish gives it a newer
@@ -429,7 +484,8 @@ class Shipper:
                 self.state.clear_retry(project.id, pipeline_id)
             base.outcome = DUPLICATE
             return base
-        return self._keep_for_retry(self.ship(project, detail, list_row=row, shipped_finish=shipped_finish), row)
+        return self._keep_for_retry(self.ship(project, detail, list_row=row, shipped_finish=shipped_finish), row,
+                                    waiting)
 
     def _filtered(self, project: ProjectRef, pipeline_id: int, status: str, list_row: tuple[str, str] | None) -> ShipResult:
         result = ShipResult(FILTERED, project.id, pipeline_id, reason=f"status {status} not in LOG_SAVE_PIPELINE_STATUS")
@@ -440,23 +496,27 @@ class Shipper:
             self.state.clear_retry(project.id, pipeline_id)
         return result
 
-    def _keep_for_retry(self, result: ShipResult, list_row: tuple[str, str] | None) -> ShipResult:
+    def _keep_for_retry(self, result: ShipResult, list_row: tuple[str, str] | None,
+                        before: RetryEntry | None) -> ShipResult:
         """A pipeline that failed (or changed while it was read) goes to the durable retry list: tried again by id on
-        its own backoff (the next two cycles, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by `status`, never holding the
-        project's cursor, so the listing window stays small however long it keeps failing."""
+        its own backoff (the next two cycles, then POLL_INTERVAL doubling up to PIPELINE_RETRY_MAX), shown by
+        `status`, never holding the project's cursor, so the listing window stays small however long it fails.
+
+        ``before``: its entry as it was before this attempt (read by the caller: a delivery that succeeded while the
+        files failed has dropped the entry on the way), so the attempts count on and the first failure stays."""
         if result.outcome not in TRY_AGAIN or self.dry_run or self.stop.is_set():
             return result  # (cut short by a shutdown: not the pipeline's fault, and the cursor has not moved)
         now = self.clock()
-        counted = result.outcome == FAILED  # a pipeline that changed under us is read again next cycle, no backoff
-        before = self.state.retry_entry(result.project_id, result.pipeline_id)
-        attempts = (before.attempts if before else 0) + int(counted)
-        # The first two retries are due at the next cycles (most faults are brief), then after 1, 2, 4, … intervals.
-        delay = min(PIPELINE_RETRY_MAX, self.config.poll_interval * 2 ** (attempts - 3)) if counted and attempts > 2 else 0.0
-        entry = self.state.record_failure(result.project_id, result.pipeline_id, list_row, result.reason, now,
-                                          now + timedelta(seconds=delay), count=counted)
-        if entry.attempts >= 3 and counted:
+        attempts = (before.attempts if before else 0) + 1
+        first = parse_ts(before.first_failed_at) if before else now
+        # The first two retries are due at the next cycles (most faults, and most pipelines that changed while they
+        # were read, are brief), then after 1, 2, 4, … poll intervals.
+        delay = min(PIPELINE_RETRY_MAX, self.config.poll_interval * 2 ** (attempts - 3)) if attempts > 2 else 0.0
+        self.state.record_failure(result.project_id, result.pipeline_id, list_row, result.reason, now,
+                                  now + timedelta(seconds=delay), attempts=attempts, first_failed_at=first)
+        if attempts >= 3:
             log.warning("pipeline %s (project %s) failed %d times since %s (%s); next attempt in %.0f s",
-                        result.pipeline_id, result.project_id, entry.attempts, entry.first_failed_at, result.reason, delay)
+                        result.pipeline_id, result.project_id, attempts, format_ts(first), result.reason, delay)
         return result
 
     def status_allowed(self, status: str) -> bool:
@@ -727,7 +787,8 @@ class Shipper:
             if self.stop.is_set():
                 break
             row = (str(detail["status"]), str(detail["updated_at"])) if detail.get("updated_at") else None
-            result = self._keep_for_retry(self.ship(project, detail, shipped_finish=shipped_finish), row)
+            before = self.state.retry_entry(project.id, int(detail["id"]))
+            result = self._keep_for_retry(self.ship(project, detail, shipped_finish=shipped_finish), row, before)
             report.add(result)
             if progress:
                 progress(result)
@@ -748,7 +809,8 @@ class Shipper:
             try:
                 detail = self.source.get_pipeline(project.id, pipeline_id)
             except GitLabSourceError as exc:
-                report.add(self._keep_for_retry(self._source_failure(project, pipeline_id, exc, None), None))
+                report.add(self._keep_for_retry(self._source_failure(project, pipeline_id, exc, None), None,
+                                                self.state.retry_entry(project.id, pipeline_id)))
                 continue
             rested = rest_time(detail)
             if detail.get("status") not in FINISHED_STATUSES or not rested:
@@ -758,7 +820,9 @@ class Shipper:
             seen = self.state.seen(project.id, pipeline_id)
             shipped = None if force or seen is None else seen.shipped_finish
             finish = finish_of(detail, None)
-            if shipped is not None and finish == shipped:
+            legacy = (shipped is not None and finish is None and seen is not None and is_legacy_finish(shipped, detail)
+                      and seen.list_updated_at == detail.get("updated_at"))
+            if shipped is not None and (finish == shipped or legacy):
                 report.add(ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish))
                 continue
             todo.append((project, detail, shipped))
@@ -783,7 +847,9 @@ class Shipper:
             raise ShipperError(f"pipeline {pipeline_id} is {status}; only finished pipelines are shipped")
         if not self.status_allowed(status):
             raise ShipperError(f"pipeline {pipeline_id} is {status}, which LOG_SAVE_PIPELINE_STATUS filters out")
-        return self.ship(project, detail)
+        row = (status, str(detail["updated_at"])) if detail.get("updated_at") else None
+        before = self.state.retry_entry(project.id, pipeline_id)
+        return self._keep_for_retry(self.ship(project, detail), row, before)
 
 
 def _all_results(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], *,

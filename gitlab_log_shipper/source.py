@@ -32,7 +32,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .config import Config
-from .download import WATCHDOG, BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, Watch, format_seconds
+from .download import BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, format_seconds
 from .download import restart as restart_sink
 from .errors import GitLabSourceError
 from .ratelimit import Throttle
@@ -558,7 +558,6 @@ class GitLabSource:
             if attempt > 1:  # not on the first: on ext4 a truncate makes close() start writing the file to disk
                 restart_sink(out)  # (auto_da_alloc), and a spool file written to disk costs ~1.5 ms more to delete
             body: BodyCopy | None = None
-            watch: Watch | None = None
             try:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded(0)
@@ -566,13 +565,15 @@ class GitLabSource:
                 # never a redirect, so this one response is the whole download.
                 with RequestDeadline(deadline):  # from the first byte sent: the answer's head is bounded too
                     response = self.gl.http_get(f"/projects/{project_id}/jobs/{job_id}/trace", streamed=True, raw=True)
+                # The connection under this response was armed when it left the pool (RequestDeadline) and is disarmed
+                # when it goes back, under the watchdog's lock: a deadline never cuts a connection another request
+                # took by then. A body without a length that the watchdog cut ends like a complete one, hence the
+                # check of the clock after it.
                 with response:
                     body = BodyCopy(response.raw, deadline)
-                    if deadline is not None:
-                        watch = WATCHDOG.arm(deadline, response.raw)
                     size = body.into(out)
-                    if watch is not None and watch.fired:
-                        raise DeadlineExceeded(size)  # the socket was shut down: what looked like the end was not
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise DeadlineExceeded(size)
                 out.flush()
                 return size
             except DeadlineExceeded as exc:
@@ -581,18 +582,15 @@ class GitLabSource:
                 raise self._expired(what, timeout, body.received if body else 0) from None
             except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
                 received = body.received if body else 0
-                if (watch is not None and watch.fired) or (deadline is not None and time.monotonic() >= deadline):
+                if deadline is not None and time.monotonic() >= deadline:
                     raise self._expired(what, timeout, received) from None
                 last = exc
                 log.warning("%s: stream broke after %d bytes (attempt %d/%d); fetching again",
                             what, received, attempt, TRACE_ATTEMPTS)
             except _ERRORS as exc:
-                if (watch is not None and watch.fired) or (deadline is not None and time.monotonic() >= deadline):
+                if deadline is not None and time.monotonic() >= deadline:
                     raise self._expired(what, timeout, body.received if body else 0) from None
                 raise self._error(what, exc) from exc
-            finally:
-                if watch is not None:
-                    watch.cancel()
         assert last is not None
         raise self._error(what, last) from last
 

@@ -91,6 +91,11 @@ CREATE TABLE IF NOT EXISTS retries (
     reason TEXT NOT NULL,
     PRIMARY KEY (project_id, pipeline_id)
 );
+-- When (this machine's clock) each project's cursor was last set by a listing. A cursor without a row here was
+-- written by an older version, which moved cursors to a row's updated_at (possibly from a node whose clock ran
+-- ahead): such a cursor is checked against the local stamps before it is trusted. A table of its own, so that an
+-- older version (INSERT INTO cursors VALUES (?, ?)) keeps working after a rollback.
+CREATE TABLE IF NOT EXISTS polls (project_id INTEGER PRIMARY KEY, polled_at TEXT NOT NULL);
 """
 
 RECOVERY_HINT = (
@@ -362,9 +367,26 @@ class StateStore:
         rows = self._query("SELECT cursor FROM cursors WHERE project_id=?", (project_id,))
         return parse_ts(rows[0][0]) if rows else None
 
-    def set_cursor(self, project_id: int, cursor: datetime) -> None:
-        self._write([("INSERT INTO cursors VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET cursor=excluded.cursor",
-                      (project_id, format_ts(cursor)))])
+    def set_cursor(self, project_id: int, cursor: datetime, polled_at: datetime | None = None) -> None:
+        statements: list[tuple[str, tuple]] = [(
+            "INSERT INTO cursors VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET cursor=excluded.cursor",
+            (project_id, format_ts(cursor)))]
+        if polled_at is not None:
+            statements.append(("INSERT INTO polls VALUES (?, ?) ON CONFLICT(project_id) DO UPDATE SET "
+                               "polled_at=excluded.polled_at", (project_id, format_ts(polled_at))))
+        self._write(statements)
+
+    def legacy_cursor_bound(self, project_id: int) -> datetime | None:
+        """For a cursor an older version wrote (no ``polls`` row): the latest time this machine's clock stamped
+        anything for the project (a handled pipeline row, else the last cycle), which the cursor cannot rightly
+        pass. None when the cursor is not a legacy one or nothing is known."""
+        if self._query("SELECT 1 FROM polls WHERE project_id=?", (project_id,)):
+            return None
+        row = self._query("SELECT MAX(touched_at) FROM pipelines WHERE project_id=?", (project_id,))
+        stamp = row[0][0] if row else None
+        if stamp is None:
+            stamp = self.stats().get("last_cycle.started_at")
+        return parse_ts(stamp) if stamp else None
 
     def cursors(self) -> dict[int, datetime]:
         return {pid: parse_ts(c) for pid, c in self._query("SELECT project_id, cursor FROM cursors")}
@@ -463,22 +485,18 @@ class StateStore:
     # -- pipelines to try again ----------------------------------------------------------------
 
     def record_failure(self, project_id: int, pipeline_id: int, list_row: tuple[str, str] | None, reason: str,
-                       now: datetime, next_attempt_at: datetime, *, count: bool = True) -> RetryEntry:
-        """The pipeline could not be shipped: keep it for another attempt (``count=False``: not its fault, e.g. it
-        changed while it was read; the attempt is not counted toward its backoff). Returns the updated entry."""
-        stamp = format_ts(now)
+                       now: datetime, next_attempt_at: datetime, *, attempts: int, first_failed_at: datetime) -> None:
+        """The pipeline could not be shipped: keep it for another attempt. ``attempts`` and ``first_failed_at`` are
+        given whole (the caller read the entry before its attempt, which may have dropped it on the way)."""
         self._write([(
             "INSERT INTO retries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(project_id, pipeline_id) DO UPDATE SET "
             "list_status=COALESCE(excluded.list_status, list_status), "
             "list_updated_at=COALESCE(excluded.list_updated_at, list_updated_at), "
-            "attempts=attempts + excluded.attempts, last_failed_at=excluded.last_failed_at, "
-            "next_attempt_at=excluded.next_attempt_at, reason=excluded.reason",
-            (project_id, pipeline_id, *(list_row or (None, None)), 1 if count else 0, stamp, stamp,
-             format_ts(next_attempt_at), reason[:1000]),
+            "attempts=excluded.attempts, first_failed_at=excluded.first_failed_at, "
+            "last_failed_at=excluded.last_failed_at, next_attempt_at=excluded.next_attempt_at, reason=excluded.reason",
+            (project_id, pipeline_id, *(list_row or (None, None)), attempts, format_ts(first_failed_at),
+             format_ts(now), format_ts(next_attempt_at), reason[:1000]),
         )])
-        entry = self.retry_entry(project_id, pipeline_id)
-        assert entry is not None
-        return entry
 
     def retry_entry(self, project_id: int, pipeline_id: int) -> RetryEntry | None:
         rows = self._query("SELECT * FROM retries WHERE project_id=? AND pipeline_id=?", (project_id, pipeline_id))
