@@ -175,6 +175,12 @@ class _DeadlineHTTPSConnection(_AnswerDeadline, HTTPSConnection):
     pass
 
 
+# urllib3 names the connection's class in its errors ("HTTPConnection(host=…, port=…): Failed to establish …"),
+# which operators read in the log and in api-requests.log: keep urllib3's own names there.
+_DeadlineHTTPConnection.__name__ = _DeadlineHTTPConnection.__qualname__ = "HTTPConnection"
+_DeadlineHTTPSConnection.__name__ = _DeadlineHTTPSConnection.__qualname__ = "HTTPSConnection"
+
+
 class _Armed:
     """A connection handed to an attempt of the current thread's POST is armed with its send deadline."""
 

@@ -4,8 +4,8 @@
 ``GITLAB_TOKEN=...`` (``eval``-able by a shell script), then serves until SIGTERM or SIGINT (exit 0).
 ``--print-env`` adds what a shipper needs to find the data: ``GITLAB_GROUPS`` (the top-level groups;
 or ``GITLAB_PROJECTS`` when there are no groups) and ``SIM_EXPECTED_PIPELINES``, the number of
-pipelines GitLab lists as finished (``scope=finished``: success, failed, canceled, skipped), child
-pipelines included. The world comes from ``--scenario FILE.json`` or is generated (below).
+pipelines the shipper ships: finished (success, failed, canceled, skipped) or blocked on a manual job
+(``manual``, which GitLab's ``scope=finished`` leaves out), child pipelines included. The world comes from ``--scenario FILE.json`` or is generated (below).
 
 ``receiver`` serves the recording log-analysis API and prints ``API_POST_URL=...`` (and
 ``API_POST_AUTH_TOKEN=...`` with ``--token``).
@@ -62,7 +62,7 @@ import click
 
 from .gitlab import Faults, GitLabSimulator
 from .logs import Log, LogSpec
-from .world import COMPLETED_STATUSES, JobSpec, Pipeline, World
+from .world import FINISHED_STATUSES, JobSpec, Pipeline, World
 
 __all__ = ["build_world", "generate_world", "main"]
 
@@ -344,7 +344,7 @@ def gitlab(
                 _emit("GITLAB_GROUPS", ",".join(top))
             else:
                 _emit("GITLAB_PROJECTS", ",".join(str(p) for p in world.projects))
-            expected = sum(1 for p in world.pipelines.values() if not p.deleted and p.status in COMPLETED_STATUSES)
+            expected = sum(1 for p in world.pipelines.values() if not p.deleted and p.status in FINISHED_STATUSES)
         _emit("SIM_EXPECTED_PIPELINES", str(expected))
     sys.stdout.flush()
     _serve_until_signalled(sim.stop)
