@@ -341,6 +341,11 @@ class Shipper:
                 for entry in entries:
                     self.state.clear_retry(project_id, entry.pipeline_id)
                 continue
+            now = self.clock()
+            if all(parse_ts(entry.next_attempt_at) > now for entry in entries):
+                for entry in entries:  # nothing due: no request, but the cycle is not complete either
+                    report.add(ShipResult(RETRY_WAITING, project_id, entry.pipeline_id, reason=entry.reason))
+                continue
             try:
                 project = self.source.get_project(project_id)
             except GitLabSourceError as exc:

@@ -120,7 +120,22 @@ _T = TypeVar("_T")
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+# Python 3.10's sqlite3 errors carry no code (``sqlite_errorcode`` is 3.11+): SQLite's own messages then tell.
+_CODES_BY_MESSAGE = (("database is locked", sqlite3.SQLITE_BUSY), ("database table is locked", sqlite3.SQLITE_LOCKED),
+                     ("disk is full", sqlite3.SQLITE_FULL), ("readonly database", sqlite3.SQLITE_READONLY),
+                     ("unable to open database", sqlite3.SQLITE_CANTOPEN))
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of ``exc`` (SQLITE_BUSY, not SQLITE_BUSY_SNAPSHOT), 0 when unknown."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    text = str(exc).lower()
+    return next((value for phrase, value in _CODES_BY_MESSAGE if phrase in text), 0)
 
 
 @dataclass(frozen=True)
@@ -258,7 +273,7 @@ class StateStore:
 
     def _error(self, exc: sqlite3.Error) -> StateError:
         """The StateError that tells the operator what an SQLite error means for them."""
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code (SQLITE_BUSY, not _SNAPSHOT)
+        code = _primary_code(exc)
         if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             return StateBusy(
                 f"state store {self.path} is busy: another process held its write lock for more than "
