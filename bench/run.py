@@ -4,6 +4,9 @@
     python bench/run.py --pipelines 80 --jobs 8 --log-size 100000 --latency 0.02 --big-jobs 10 --big-size 50M
     python bench/run.py --skip-big --shards 2 --concurrency 12   # two shipper processes, SHARD=0/2 and 1/2
 
+With one shard, the shipper runs a second time with ``DOCUMENT_FIELDS=design``, and the CPU the enriched
+document's sections, failure excerpts and links cost is printed.
+
 Both contestants run as separate processes against the same simulated GitLab (every request delayed by
 ``--latency`` seconds, as a WAN would) and the same receiver (which only counts and hashes bodies). For
 each it prints wall time, pipelines/s, MB/s of logs, GitLab requests per pipeline and peak RSS
@@ -47,6 +50,7 @@ class Run:
     requests: int
     delivered: int
     exit_code: int
+    cpu: float = 0.0
 
 
 def size_arg(text: str) -> int:
@@ -63,8 +67,11 @@ def build_world(pipelines: int, jobs: int, log_size: int, projects: int = 1) -> 
     since = world.now() - timedelta(minutes=30)
     stages = ["build", "test", "deploy"]
     for i in range(pipelines):
+        # Every fourth pipeline has a last job that failed (allowed to): its document gets a failure excerpt.
+        failed = [i % 4 == 3 and j == jobs - 1 for j in range(jobs)]
         world.add_pipeline(ids[i % projects], status="success", user=user, jobs=[
-            JobSpec(f"job-{j}", stages[j * len(stages) // jobs], "success", log=LogSpec(log_size, seed=i * 100 + j))
+            JobSpec(f"job-{j}", stages[j * len(stages) // jobs], "failed" if failed[j] else "success",
+                    log=LogSpec(log_size, seed=i * 100 + j, failed=failed[j]), allow_failure=True if failed[j] else None)
             for j in range(jobs)
         ])
     return world, ids, format_ts(since)
@@ -105,7 +112,7 @@ def run_process(name: str, commands: list[tuple[list[str], dict[str, str]]], sim
     servers = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
     print(f"  ({name}: {cpu:.2f} s CPU ({system:.2f} system, {switches} involuntary switches) in {seconds:.2f} s; simulated GitLab and "
           f"receiver: {servers:.2f} s CPU)")
-    return Run(name, seconds, peak, sum(sim.counters.values()), len(receiver.accepted()), code)
+    return Run(name, seconds, peak, sum(sim.counters.values()), len(receiver.accepted()), code, cpu)
 
 
 def shipper_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project_ids: list[int], extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -169,6 +176,14 @@ def main() -> int:
             minimum = 1 + math.ceil(args.jobs / 100) + args.jobs + list_pages / args.pipelines
             report([shipper, naive], args.pipelines, log_bytes, minimum)
             print(f"ratio: shipper is {naive.seconds / shipper.seconds:.1f}x the baseline's throughput")
+            if args.shards == 1:
+                # The same shipper with DOCUMENT_FIELDS=design: what the sections, failure excerpts and links
+                # (issue 13) cost. Same requests, same documents otherwise.
+                design = run_process("design", [shipper_command(tmp, sim, receiver, project_ids,
+                                                                {**extra, "DOCUMENT_FIELDS": "design"})], sim, receiver)
+                print(f"document fields: enriched {shipper.cpu:.2f} s CPU, design {design.cpu:.2f} s CPU: enriched costs "
+                      f"{100 * (shipper.cpu / design.cpu - 1):+.1f} % CPU; GitLab requests {shipper.requests} vs "
+                      f"{design.requests}")
 
         if args.skip_big:
             return 0

@@ -115,6 +115,7 @@ class Config:
 
     ignored_variables: tuple[str, ...] = ()
     job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
+    document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
 
     @property
     def mode(self) -> str:
@@ -509,6 +510,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         metrics_textfile=metrics_textfile,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
         job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
+        document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
     )
 
 

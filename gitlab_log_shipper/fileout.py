@@ -101,11 +101,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class FileOutput:
-    """Writes pipelines into ``LOG_OUTPUT_DIR`` in the predecessor's layout."""
+# The extensions of an enriched document that metadata.json carries too (DOCUMENT_FIELDS=enriched), after the
+# predecessor's fields: the pipeline's, and each job's (see docs/payload.schema.json).
+ENRICHED_PIPELINE_KEYS = ("web_url", "name", "tag", "queued_duration", "coverage", "before_sha", "jobs_failed", "warnings")
+ENRICHED_JOB_KEYS = ("allow_failure", "web_url", "runner", "tags", "queued_duration", "coverage")
 
-    def __init__(self, root: Path) -> None:
+
+class FileOutput:
+    """Writes pipelines into ``LOG_OUTPUT_DIR`` in the predecessor's layout; ``enriched`` (DOCUMENT_FIELDS)
+    adds the enriched document's fields to ``metadata.json``."""
+
+    def __init__(self, root: Path, *, enriched: bool = False) -> None:
         self.root = Path(root)
+        self.enriched = enriched
 
     def project_dir(self, project_name: str | None, project_id: int) -> Path:
         """The project's folder. An existing one is reused whatever its name prefix (the project may have
@@ -178,6 +186,13 @@ class FileOutput:
                 "duration": fields.get("duration"),
                 "ref": fields.get("ref"),
             }
+            if self.enriched:
+                entry = entries[str(fields["job_id"])]
+                entry.update({key: fields.get(key) for key in ENRICHED_JOB_KEYS})
+                entry.update({"log_bytes": job.log_bytes, "log_truncated": job.truncated})
+                for key, value in (("log_error", job.error), ("sections", job.sections), ("failure", job.failure)):
+                    if value is not None:
+                        entry[key] = value
         self.write_metadata(folder, header, entries, now)
         return folder
 
@@ -187,6 +202,8 @@ class FileOutput:
             "pipeline_id", "project_id", "project_name", "status", "ref", "sha", "source", "pipeline_type",
             "created_at", "finished_at", "duration", "user", "stages",
         )}
+        if self.enriched:
+            metadata.update({key: header[key] for key in ENRICHED_PIPELINE_KEYS if key in header})
         metadata["last_updated"] = format_ts(now)
         metadata["jobs"] = dict(jobs)
         path = folder / "metadata.json"

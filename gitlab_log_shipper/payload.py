@@ -136,9 +136,14 @@ def user_of(pipeline: Mapping[str, Any], commit_email: str | None) -> dict[str, 
     return {"name": user.get("name"), "email": email}
 
 
-def document_header(project_name: str | None, pipeline: Mapping[str, Any], user: dict[str, Any] | None, stages: Sequence[str]) -> dict[str, Any]:
-    """Every top-level field of the document except ``jobs``, in the design's order."""
-    return {
+def document_header(project_name: str | None, pipeline: Mapping[str, Any], user: dict[str, Any] | None,
+                    stages: Sequence[str], *, jobs: Sequence[Mapping[str, Any]] | None = None,
+                    enriched: bool = False) -> dict[str, Any]:
+    """Every top-level field of the document except ``jobs``, in the design's order; with ``enriched``
+    (DOCUMENT_FIELDS=enriched) followed by the extensions, all from answers the shipper reads anyway: the
+    pipeline GET (links, name, tag, queued_duration, coverage, before_sha) and its jobs list (``jobs_failed``:
+    the names of the latest attempts that failed and were not allowed to)."""
+    header = {
         "pipeline_id": pipeline["id"],
         "project_id": pipeline["project_id"],
         "project_name": project_name,
@@ -153,11 +158,25 @@ def document_header(project_name: str | None, pipeline: Mapping[str, Any], user:
         "user": user,
         "stages": list(stages),
     }
+    if enriched:
+        header.update({
+            "web_url": pipeline.get("web_url"),
+            "name": pipeline.get("name"),
+            "tag": pipeline.get("tag"),
+            "queued_duration": pipeline.get("queued_duration"),
+            "coverage": pipeline.get("coverage"),
+            "before_sha": pipeline.get("before_sha"),
+            "jobs_failed": [job.get("name") for job in latest_attempts(jobs or ())
+                            if job.get("status") == "failed" and not job.get("allow_failure")],
+        })
+    return header
 
 
-def job_fields(job: Mapping[str, Any]) -> dict[str, Any]:
-    """A job entry's fields; ``log_content`` is streamed in between by :func:`write_document`."""
-    return {
+def job_fields(job: Mapping[str, Any], *, enriched: bool = False) -> dict[str, Any]:
+    """A job entry's fields; ``log_content`` is streamed in between by :func:`write_document`. With ``enriched``,
+    the extensions from the jobs list: ``allow_failure``, ``web_url``, ``runner`` (``{id, description}`` when GitLab
+    shows one), ``tags`` (the job's ``tag_list``), ``queued_duration``, ``coverage``."""
+    fields = {
         "job_id": job["id"],
         "job_name": job.get("name"),
         "status": job.get("status"),
@@ -168,6 +187,18 @@ def job_fields(job: Mapping[str, Any]) -> dict[str, Any]:
         "duration": job.get("duration"),
         "ref": job.get("ref"),
     }
+    if enriched:
+        runner = job.get("runner")
+        fields.update({
+            "allow_failure": job.get("allow_failure"),
+            "web_url": job.get("web_url"),
+            "runner": ({"id": runner.get("id"), "description": runner.get("description")}
+                       if isinstance(runner, dict) else None),
+            "tags": list(job.get("tag_list") or []),
+            "queued_duration": job.get("queued_duration"),
+            "coverage": job.get("coverage"),
+        })
+    return fields
 
 
 @dataclass(frozen=True)
@@ -185,6 +216,8 @@ class JobLog:
     log_bytes: int = 0
     truncated: bool = False
     error: str | None = None  # the log could not be read (GitLab answered 404/403 for it): ``log_error``
+    sections: list[dict[str, Any]] | None = None  # the runner's collapsible sections (enriched documents)
+    failure: dict[str, Any] | None = None  # a failed job's reason, exit code and excerpt (enriched documents)
 
 
 def _dump(value: Any) -> bytes:
@@ -215,8 +248,9 @@ def _write_log_string(out: BinaryIO, log_path: Path | None) -> None:
     out.write(b'"')
 
 
-def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobLog]) -> None:
-    """Stream the whole document as UTF-8 JSON into ``out`` with memory bounded by :data:`CHUNK`."""
+def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobLog], *, design: bool = False) -> None:
+    """Stream the whole document as UTF-8 JSON into ``out`` with memory bounded by :data:`CHUNK`. ``design``
+    (DOCUMENT_FIELDS=design): exactly the approved design's job fields, none of the extensions."""
     out.write(b"{")
     for key, value in header.items():
         out.write(_dump(key) + b": " + _dump(value) + b", ")
@@ -230,9 +264,14 @@ def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobL
         _write_log_string(out, job.log_path)
         for key, value in fields.items():
             out.write(b", " + _dump(key) + b": " + _dump(value))
-        out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated))
-        if job.error is not None:
-            out.write(b', "log_error": ' + _dump(job.error))
+        if not design:
+            out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated))
+            if job.error is not None:
+                out.write(b', "log_error": ' + _dump(job.error))
+            if job.sections is not None:
+                out.write(b', "sections": ' + _dump(job.sections))
+            if job.failure is not None:
+                out.write(b', "failure": ' + _dump(job.failure))
         out.write(b"}")
     out.write(b"]}")
 
@@ -291,10 +330,10 @@ def escaped_size(log_path: Path | None) -> int:
     return counter.count - 2  # the quotes
 
 
-def document_size(header: Mapping[str, Any], jobs: Sequence[JobLog]) -> int:
+def document_size(header: Mapping[str, Any], jobs: Sequence[JobLog], *, design: bool = False) -> int:
     """Size in bytes of the document :func:`write_document` would write, computed without storing it."""
     counter = _Counter()
-    write_document(counter, header, jobs)  # type: ignore[arg-type]
+    write_document(counter, header, jobs, design=design)  # type: ignore[arg-type]
     return counter.count
 
 

@@ -18,6 +18,7 @@ injected ``clock`` and GitLab's own clock (the ``Date`` of its answers). One pol
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -58,6 +59,7 @@ from .poster import ApiPoster
 from .redact import Redactor
 from .requestlog import ManagedRequestLog
 from .source import DiscoveryProblem, GitLabSource, ProjectRef
+from .sections import LogScanner, ScanResult
 from .spool import CappedLog
 from .state import RetryEntry, StateStore
 from .timeutil import format_ts, parse_ts, utcnow
@@ -191,9 +193,12 @@ class Shipper:
         self.source = source or GitLabSource(config)
         posts, writes_files = config.posts and not dry_run, config.writes_files and not dry_run
         self.poster = ApiPoster(config, ManagedRequestLog.for_config(config), clock=clock) if posts else None
-        self.files = FileOutput(config.log_output_dir) if writes_files else None
+        self.files = FileOutput(config.log_output_dir, enriched=config.document_fields == "enriched") if writes_files else None
         self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
         self.redactor = Redactor.from_config(config)  # LOG_REDACT_PATTERNS; None when off
+        # DOCUMENT_FIELDS: the enriched document (sections, failure details, links) or exactly the design's fields
+        self.enriched = config.document_fields == "enriched"
+        self.design = not self.enriched
         if dry_run:
             self.spool_root = Path(tempfile.mkdtemp(prefix="gitlab-log-shipper-dry-run-"))
         else:
@@ -548,7 +553,8 @@ class Shipper:
         try:
             detail = self.source.get_pipeline(project.id, pipeline_id)
             jobs = self.source.list_jobs(project.id, pipeline_id)
-            header = document_header(project.name, detail, user_of(detail, None), stage_order(jobs))
+            header = document_header(project.name, detail, user_of(detail, None), stage_order(jobs), jobs=jobs,
+                                     enriched=self.enriched)
             self.files.write_metadata_only(header, self.clock())
         except (GitLabSourceError, OSError) as exc:
             log.warning("pipeline %s (project %s): metadata of a filtered pipeline not written: %s",
@@ -635,7 +641,8 @@ class Shipper:
         user = detail.get("user")
         if user and not user.get("public_email"):
             commit_email = self.source.commit_author_email(project.id, detail.get("sha"))
-        header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs))
+        header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs),
+                                 jobs=all_jobs, enriched=self.enriched)
         warnings = [f"job {job.fields['job_id']} ({job.fields.get('job_name')}): {job.error}" for job in unreadable]
         if not all_jobs:
             # A pipeline always has jobs (a trigger-only one has bridges, which the jobs list leaves out); an empty
@@ -644,7 +651,7 @@ class Shipper:
                         "jobs (Reporter role), or the pipeline holds only trigger jobs", pipeline_id, project.id)
             warnings.append("GitLab listed no jobs for this pipeline: the token may lack read access to jobs "
                             "(Reporter role needed), or the pipeline holds only trigger jobs")
-        if warnings:
+        if warnings and self.enriched:
             header["warnings"] = warnings
         return header, jobs
 
@@ -655,34 +662,50 @@ class Shipper:
         except GitLabSourceError as exc:
             if exc.status not in (403, 404):
                 raise
-            return JobLog(job_fields(job), None, 0, False,
-                          "log not found in GitLab (404)" if exc.status == 404 else "log not readable with this token (403)")
+            return JobLog(job_fields(job, enriched=self.enriched), None, 0, False,
+                          "log not found in GitLab (404)" if exc.status == 404 else "log not readable with this token (403)",
+                          sections=[] if self.enriched else None, failure=self._failure(job, None))
 
     def _fetch_log(self, project: ProjectRef, pipeline_id: int, job: Mapping[str, Any], spool: Path) -> JobLog:
         """One job's log into the spool, cut to MAX_JOB_LOG_BYTES (head and tail kept) when larger."""
         if self.stop.is_set():
             raise DeliveryError("shutting down")
         # A job that never started (manual, skipped, created) has no log: GitLab answers an empty 200.
+        fields = job_fields(job, enriched=self.enriched)
         if job.get("started_at") is None:
-            return JobLog(job_fields(job), None)
+            return JobLog(fields, None, sections=[] if self.enriched else None, failure=self._failure(job, None))
         log_path = spool / f"job-{job['id']}.log"
+        # Sections and the failure excerpt are read from the masked log as it streams in (no second read, nothing
+        # held in memory), before MAX_JOB_LOG_BYTES cuts it: they describe the whole log.
+        scanner = LogScanner() if self.enriched else None
         # Masked and cut while it streams in: the spool never holds more than MAX_JOB_LOG_BYTES of it.
         with CappedLog(log_path, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES",
                        patterns=self.redactor.patterns if self.redactor else (),
-                       what=f"pipeline {pipeline_id}: log of job {job['id']}") as sink:
+                       what=f"pipeline {pipeline_id}: log of job {job['id']}", observer=scanner) as sink:
             size = self.source.fetch_trace(project.id, int(job["id"]), sink, timeout=self.config.job_log_timeout)
             truncated = sink.finish()
         if truncated:
             log.warning("job %s (pipeline %s): log of %d bytes cut to MAX_JOB_LOG_BYTES=%d", job["id"], pipeline_id,
                         size, self.config.max_job_log_bytes)
-        return JobLog(job_fields(job), log_path, size, truncated)
+        scan = scanner.finish() if scanner is not None else None
+        return JobLog(fields, log_path, size, truncated, sections=scan.sections if scan else None,
+                      failure=self._failure(job, scan))
+
+    def _failure(self, job: Mapping[str, Any], scan: ScanResult | None) -> dict[str, Any] | None:
+        """``failure`` of a job that failed (enriched documents): GitLab's ``failure_reason``, the exit code from
+        the runner's closing ``ERROR: Job failed`` line and the last lines of the failing section (both None when
+        the log has no such line, or could not be read)."""
+        if not self.enriched or job.get("status") != "failed":
+            return None
+        return {"reason": job.get("failure_reason"), "exit_code": scan.exit_code if scan else None,
+                "excerpt": scan.excerpt if scan else None}
 
     def _fit(self, header: Mapping[str, Any], jobs: list[JobLog], spool: Path, pipeline_id: int) -> list[JobLog]:
         """Cut logs (head and tail kept, evenly across the big ones) so the document fits API_POST_MAX_BYTES."""
         cap = self.config.api_post_max_bytes
         if not cap:
             return jobs
-        total = document_size(header, jobs)
+        total = document_size(header, jobs, design=self.design)
         if total <= cap:
             return jobs
         sizes = [escaped_size(job.log_path) for job in jobs]
@@ -700,8 +723,8 @@ class Shipper:
                 keep = int(job.log_path.stat().st_size * allowance / escaped)
                 target = spool / f"{job.log_path.stem}.fit{attempt}.log"
                 truncate_log(job.log_path, target, keep, "API_POST_MAX_BYTES")
-                fitted.append(JobLog(job.fields, target, job.log_bytes, True))
-            if document_size(header, fitted) <= cap:
+                fitted.append(dataclasses.replace(job, log_path=target, truncated=True))
+            if document_size(header, fitted, design=self.design) <= cap:
                 log.warning("pipeline %s: document of %d bytes cut to fit API_POST_MAX_BYTES=%d", pipeline_id, total, cap)
                 return fitted
         log.error("pipeline %s: the document cannot be brought under API_POST_MAX_BYTES=%d (its fields alone take %d "
@@ -715,7 +738,8 @@ class Shipper:
         if self.dry_run:
             document = spool / "document.json"
             with open(document, "wb") as out:  # what would be POSTed (uncompressed, for reading)
-                write_document(out, header, self._fit(header, jobs, spool, result.pipeline_id) if self.config.posts else jobs)
+                write_document(out, header, self._fit(header, jobs, spool, result.pipeline_id) if self.config.posts else jobs,
+                               design=self.design)
             result.outcome = WOULD_SHIP
             if self.preview:
                 self.preview(document, header, result)
@@ -740,11 +764,11 @@ class Shipper:
         if self.config.api_post_compression == "gzip":
             document = spool / "document.json.gz"
             with open(document, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as out:
-                write_document(out, header, jobs)  # type: ignore[arg-type]
+                write_document(out, header, jobs, design=self.design)  # type: ignore[arg-type]
         else:
             document = spool / "document.json"
             with open(document, "wb") as out:
-                write_document(out, header, jobs)
+                write_document(out, header, jobs, design=self.design)
         info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key)
         outcome, post = self.delivery.send(document, info, list_row)
         result.http_status = post.status if post else None

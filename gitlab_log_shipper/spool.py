@@ -37,16 +37,25 @@ class LogSink(Protocol):
         """Throw away what was written: the download starts over from the first byte."""
 
 
+class LogObserver(Protocol):
+    """Sees a log stream as it is stored (see :class:`CappedLog`)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def restart(self) -> None: ...
+
+
 class CappedLog:
     """Spool file ``path`` receiving one job log; at most ``keep`` bytes of it are ever on disk.
 
     ``write`` the log as it arrives (any chunking), ``restart`` when the download starts over, then
     ``finish``: ``path`` holds the log as :func:`payload.truncate_log` would have cut it. ``size`` is the
-    length of the (masked) log that came in, ``masked`` the number of secrets masked.
+    length of the (masked) log that came in, ``masked`` the number of secrets masked. ``observer`` (a
+    :class:`sections.LogScanner`) sees the whole masked log as it passes, before any cut, and is restarted with it.
     """
 
     def __init__(self, path: Path, keep: int, why: str, *, patterns: Sequence[re.Pattern[bytes]] = (),
-                 what: str = "") -> None:
+                 what: str = "", observer: "LogObserver | None" = None) -> None:
         if keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
         self.path = Path(path)
@@ -59,6 +68,7 @@ class CappedLog:
         self._head = keep // 2  # bytes [0, _head) of the log stay where they are
         self._ring = keep - self._head  # the latest _ring bytes go round [_head, _head + _ring)
         self._maskers = [StreamMasker(p) for p in self.patterns]
+        self.observer = observer
         # Not truncated on open: the file is new (see GitLabSource.fetch_trace on ext4 and truncation).
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._finished = False
@@ -88,12 +98,16 @@ class CappedLog:
     def restart(self) -> None:
         self.size = 0
         self.masked = 0
+        if self.observer is not None:
+            self.observer.restart()
         self._maskers = [StreamMasker(p) for p in self.patterns]
         os.ftruncate(self._fd, 0)
 
     def _store(self, data: bytes) -> None:
         if not data:
             return
+        if self.observer is not None:
+            self.observer.feed(data)
         at = self.size
         self.size += len(data)
         view = memoryview(data)

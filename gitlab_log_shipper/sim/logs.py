@@ -72,7 +72,8 @@ class LogSpec:
     ``ansi`` adds colour codes, ``\\r`` progress lines and ``\\e[0K``; ``sections`` adds GitLab's
     collapsible-section markers (which always end in ``\\r\\e[0K``: that is their syntax, even without
     ``ansi``); ``invalid_utf8`` sprinkles bytes that do not decode; ``timestamps`` prefixes every line
-    with the 32-character header of newer runners. The same spec always yields the same bytes.
+    with the 32-character header of newer runners; ``failed`` ends the log as the runner ends a failed job's
+    (``ERROR: Job failed: exit code 1`` instead of ``Job succeeded``). The same spec always yields the same bytes.
     """
 
     size: int
@@ -81,6 +82,7 @@ class LogSpec:
     sections: bool = True
     invalid_utf8: bool = False
     timestamps: bool = False
+    failed: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -124,7 +126,7 @@ class LogSpec:
         """Pieces of arbitrary length whose concatenation is the log (header, body blocks, footer)."""
         if self.size == 0:
             return
-        header, footer = _frame(self.seed, self.ansi, self.sections, self.timestamps)
+        header, footer = _frame(self.seed, self.ansi, self.sections, self.timestamps, self.failed)
         body_size = self.size - len(header) - len(footer)
         if body_size <= 0:
             # Too small for a whole job: the start of one, cut where the size says (a truncated log).
@@ -238,7 +240,7 @@ def _join_lines(lines: list[str], prefix: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _frame(seed: int, ansi: bool, sections: bool, timestamps: bool) -> tuple[bytes, bytes]:
+def _frame(seed: int, ansi: bool, sections: bool, timestamps: bool, failed: bool = False) -> tuple[bytes, bytes]:
     """The runner's preamble (up to the opening of step_script) and the closing lines of a job."""
     rng = random.Random(seed)
     style = _Style(ansi, sections)
@@ -277,7 +279,9 @@ def _frame(seed: int, ansi: bool, sections: bool, timestamps: bool) -> tuple[byt
     cleaning = style.color("36;1", "Cleaning up project directory and file based variables")
     tail = [
         f"{style.end(unix_end, 'step_script')}{style.start(unix_end, 'cleanup_file_variables')}{k}{cleaning}",
-        f"{style.end(unix_end, 'cleanup_file_variables')}{style.color('32;1', 'Job succeeded')}",
+        # A failed job: the runner's last line, in red (gitlab-runner: "ERROR: Job failed: exit code N").
+        f"{style.end(unix_end, 'cleanup_file_variables')}"
+        + (style.color("31;1", "ERROR: Job failed: exit code 1") if failed else style.color("32;1", "Job succeeded")),
     ]
     if timestamps:
         header = b"".join(
