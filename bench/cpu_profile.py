@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,8 +72,19 @@ class _Inline:
     def map(self, fn: Any, items: Any) -> list[Any]:
         return [fn(item) for item in items]
 
+    def submit(self, fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed over as the pool would
+            future.set_exception(exc)
+        return future
+
     def shutdown(self, **_: Any) -> None:
         pass
+
+
+DOCUMENT_FIELDS = ["enriched"]  # --document-fields
 
 
 def shipper_for(urls: tuple[str, str, int, str], concurrency: int, tmp: Path) -> Shipper:
@@ -80,7 +92,8 @@ def shipper_for(urls: tuple[str, str, int, str], concurrency: int, tmp: Path) ->
     state = Path(tempfile.mkdtemp(dir=tmp, prefix="state-"))
     env = {"GITLAB_URL": gitlab_url, "GITLAB_TOKEN": token, "GITLAB_PROJECTS": str(project_id),
            "API_POST_ENABLED": "true", "API_POST_URL": receiver_url, "STATE_DIR": str(state),
-           "LOG_DIR": str(state / "logs"), "INITIAL_LOOKBACK": "2h", "CONCURRENCY": str(concurrency)}
+           "LOG_DIR": str(state / "logs"), "INITIAL_LOOKBACK": "2h", "CONCURRENCY": str(concurrency),
+           "DOCUMENT_FIELDS": DOCUMENT_FIELDS[0]}
     (tmp / "empty.env").touch()
     config = load_config(tmp / "empty.env", env)
     prepare_directories(config)
@@ -144,7 +157,9 @@ def main() -> int:
     parser.add_argument("--log-size", type=int, default=50_000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--document-fields", choices=("enriched", "design"), default="enriched")
     args = parser.parse_args()
+    DOCUMENT_FIELDS[0] = args.document_fields
     compileall.compile_dir(HERE.parent / "gitlab_log_shipper", quiet=1)  # as pip would have
 
     print(f"{args.pipelines} pipelines x {args.jobs} jobs x {args.log_size} B logs, no latency; "

@@ -251,9 +251,11 @@ def _write_log_string(out: BinaryIO, log_path: Path | None) -> None:
 def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobLog], *, design: bool = False) -> None:
     """Stream the whole document as UTF-8 JSON into ``out`` with memory bounded by :data:`CHUNK`. ``design``
     (DOCUMENT_FIELDS=design): exactly the approved design's job fields, none of the extensions."""
+    # Fields go out as whole JSON objects with their braces cut off (one json.dumps per object, not two per field:
+    # a third of the cost of writing the document's fields; the bytes are the same, json.dumps' ", " and ": ").
     out.write(b"{")
-    for key, value in header.items():
-        out.write(_dump(key) + b": " + _dump(value) + b", ")
+    if header:
+        out.write(_members(header) + b", ")
     out.write(b'"jobs": [')
     for index, job in enumerate(jobs):
         if index:
@@ -262,18 +264,20 @@ def write_document(out: BinaryIO, header: Mapping[str, Any], jobs: Sequence[JobL
         out.write(b'{"job_id": ' + _dump(fields.pop("job_id")) + b', "job_name": ' + _dump(fields.pop("job_name")))
         out.write(b', "log_content": ')
         _write_log_string(out, job.log_path)
-        for key, value in fields.items():
-            out.write(b", " + _dump(key) + b": " + _dump(value))
         if not design:
-            out.write(b', "log_bytes": ' + _dump(job.log_bytes) + b', "log_truncated": ' + _dump(job.truncated))
-            if job.error is not None:
-                out.write(b', "log_error": ' + _dump(job.error))
-            if job.sections is not None:
-                out.write(b', "sections": ' + _dump(job.sections))
-            if job.failure is not None:
-                out.write(b', "failure": ' + _dump(job.failure))
+            fields["log_bytes"], fields["log_truncated"] = job.log_bytes, job.truncated
+            for key, value in (("log_error", job.error), ("sections", job.sections), ("failure", job.failure)):
+                if value is not None:
+                    fields[key] = value
+        if fields:
+            out.write(b", " + _members(fields))
         out.write(b"}")
     out.write(b"]}")
+
+
+def _members(fields: Mapping[str, Any]) -> bytes:
+    """``"a": 1, "b": 2``: the members of a JSON object, as json.dumps writes them."""
+    return json.dumps(fields, ensure_ascii=False).encode("utf-8")[1:-1]
 
 
 # -- size limits ------------------------------------------------------------------------------------

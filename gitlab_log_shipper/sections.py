@@ -30,11 +30,13 @@ Where the formats come from:
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 __all__ = ["LogScanner", "ScanResult"]
 
@@ -134,7 +136,10 @@ class _State:
     # Excerpt recording: raw (prefix-free) bytes of the candidate section, at most ``tail_max``.
     recording: bool = True  # lines before any section count, for logs without sections
     candidate: bytes | None = None  # name of the top-level section being recorded
-    tail: bytearray = field(default_factory=bytearray)
+    # Kept as the pieces that came (no copying while the section streams by), the oldest dropped once the
+    # rest holds tail_max bytes; joined only when a "Job failed" line asks for the excerpt.
+    tail: deque = field(default_factory=deque)
+    tail_len: int = 0
     tail_trimmed: bool = False
     exit_code: int | None = None
     excerpt: str | None = None
@@ -164,7 +169,7 @@ class LogScanner:
     def feed(self, chunk: bytes) -> None:
         """Scan the next bytes of the log (any chunking gives the same result)."""
         if chunk:
-            self._feed_timestamps(bytes(chunk))
+            self._feed_timestamps(chunk if type(chunk) is bytes else bytes(chunk))
 
     def restart(self) -> None:
         """The download starts over from byte 0: forget everything seen so far."""
@@ -267,10 +272,15 @@ class LogScanner:
     def _scan(self, block: bytes, *, final: bool, line_open: bool = False) -> None:
         """Scan ``block`` (whole lines, or a piece of a long line when ``line_open``/``final``)."""
         s = self._s
-        events: list[tuple[int, re.Match[bytes], bool]] = [(m.start(), m, True) for m in _MARKER_RE.finditer(block)]
+        events: Iterable[tuple[int, re.Match[bytes], bool]]
         if b"Job failed" in block:
+            events = [(m.start(), m, True) for m in _MARKER_RE.finditer(block)]
             events.extend((m.start(), m, False) for m in _FAILED_RE.finditer(block))
             events.sort(key=lambda e: e[0])
+        elif b"section_" in block:
+            events = ((m.start(), m, True) for m in _MARKER_RE.finditer(block))
+        else:  # most of a real log: output lines between two markers
+            events = ()
         rec_from = 0
         for pos, match, is_marker in events:
             if is_marker:
@@ -298,16 +308,18 @@ class LogScanner:
             return
         s.recording = True
         s.candidate = name
-        s.tail = bytearray()
+        s.tail = deque()
+        s.tail_len = 0
         s.tail_trimmed = False
 
     def _record(self, data: bytes) -> None:
         if not data:
             return
         s = self._s
-        s.tail += data
-        if len(s.tail) > self._tail_max:
-            del s.tail[: len(s.tail) - self._tail_max]
+        s.tail.append(data)
+        s.tail_len += len(data)
+        while s.tail_len - len(s.tail[0]) >= self._tail_max:
+            s.tail_len -= len(s.tail.popleft())
             s.tail_trimmed = True
 
     @staticmethod
@@ -368,8 +380,10 @@ class LogScanner:
             return  # "ERROR: Job failed" in the middle of some output line: not the runner's
         code = _EXIT_CODE_RE.search(match.group(0))
         s.exit_code = int(code.group(1)) if code else None
-        tail = s.tail
+        tail = b"".join(s.tail)
         trimmed = s.tail_trimmed
+        if len(tail) > self._tail_max:
+            tail, trimmed = tail[len(tail) - self._tail_max :], True
         if s.recording:
             upto = block[max(rec_from, 0) : line_start]
             tail = tail + upto
@@ -379,6 +393,16 @@ class LogScanner:
         s.excerpt = self._excerpt(bytes(tail), trimmed)
 
     def _excerpt(self, raw: bytes, trimmed: bool) -> str:
+        # Only the last lines can be kept: clean just those (cleaning never adds a newline; twice the count,
+        # and more, leaves room for the blank lines dropped at the end and the start).
+        want = 2 * self._excerpt_lines + 8
+        at = len(raw)
+        for _ in range(want):
+            at = raw.rfind(b"\n", 0, at)
+            if at == -1:
+                break
+        if at != -1:
+            raw, trimmed = raw[at + 1 :], False
         if trimmed:
             # The first line may be a cut one: start at a line start.
             nl = raw.find(b"\n")
@@ -430,6 +454,7 @@ def _valid_unix(value: int) -> bool:
     return 0 <= value <= _MAX_UNIX
 
 
+@functools.lru_cache(maxsize=4096)  # markers of one log share few seconds; a section has two
 def _iso(unix: int) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
