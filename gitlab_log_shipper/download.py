@@ -152,14 +152,12 @@ class DeadlinePool:
 
 
 class Watch:
-    """One armed deadline on a connection taken from a pool; ``fired`` says its socket was shut down on purpose.
-    It is disarmed (under the watchdog's lock) when the connection goes back to the pool, so it never touches a
+    """One armed deadline on a connection taken from a pool. It is disarmed (under the watchdog's lock) when the connection goes back to the pool, so it never touches a
     connection another request took since."""
 
     def __init__(self, deadline: float, connection: Any) -> None:
         self.deadline = deadline
         self.connection = connection
-        self.fired = False
         self.cancelled = False
         self.in_heap = True  # the watchdog's bookkeeping
 
@@ -171,7 +169,6 @@ class Watch:
         """Called by the watchdog, with its lock held."""
         if self.cancelled or self.connection is None:
             return
-        self.fired = True
         sock = getattr(self.connection, "sock", None)
         if sock is None:
             return  # not connected (yet, or any more): the connect timeout bounds it, DeadlinePool refuses a retry

@@ -30,30 +30,15 @@ own mutations take it too) for its World change and its bookkeeping together.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 from typing import Any, Callable
 
 from gitlab_log_shipper.sim.gitlab import _ts
 from gitlab_log_shipper.sim.logs import iter_log
 from gitlab_log_shipper.sim.world import JobSpec, World
 
-
-class VirtualClock:
-    """One clock for the world and the shipper; moves only when told to (thread-safe, monotonic)."""
-
-    def __init__(self, start: datetime) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def now(self) -> datetime:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += timedelta(seconds=seconds)
+from shipper_helpers import ManualClock
 
 
 @dataclass(frozen=True)
@@ -110,7 +95,7 @@ def _skew_note(seconds: float) -> str:
 class ModelWorld:
     """Drives the World with the mutations the model uses and records every finish."""
 
-    def __init__(self, world: World, clock: VirtualClock, log: Callable[[str], None]) -> None:
+    def __init__(self, world: World, clock: ManualClock, log: Callable[[str], None]) -> None:
         self.world = world
         self.clock = clock
         self.log = log
@@ -301,4 +286,4 @@ class ModelWorld:
         return project.id
 
     def now_str(self) -> str:
-        return self.clock.now().astimezone(timezone.utc).isoformat()
+        return self.clock().astimezone(timezone.utc).isoformat()

@@ -55,7 +55,8 @@ from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import World
 
-from model_world import Finish, JobState, ModelWorld, VirtualClock
+from model_world import Finish, JobState, ModelWorld
+from shipper_helpers import ManualClock
 
 POLL_INTERVAL = 60
 DISCOVERY_INTERVAL = 600  # the shipper's default: a project created meanwhile is polled from its next discovery on
@@ -93,8 +94,8 @@ class Model:
         self.tmp = tmp
         self.run = Run(seed)
         start = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc) + timedelta(seconds=self.rng.randrange(86400))
-        self.clock = VirtualClock(start)
-        self.world = World(clock=self.clock.now)
+        self.clock = ManualClock(start)
+        self.world = World(clock=self.clock)
         self.mw = ModelWorld(self.world, self.clock, self.note)
         self.sim = GitLabSimulator(self.world)
         self.sim.faults.rate_limit_window = 1.0  # GitLab's budget (2000/min) is not what this test is about
@@ -128,7 +129,7 @@ class Model:
 
     def note(self, text: str) -> None:
         where = " [in cycle]" if self.in_cycle_active else ""
-        self.run.steps.append(f"  {self.clock.now().strftime('%d %H:%M:%S')}{where} {text}")
+        self.run.steps.append(f"  {self.clock().strftime('%d %H:%M:%S')}{where} {text}")
 
     def step(self, text: str) -> None:
         self.n_step += 1
@@ -177,7 +178,7 @@ class Model:
         return load_config(None, env)
 
     def start_shipper(self) -> Shipper:
-        shipper = Shipper(self.config(), clock=self.clock.now)
+        shipper = Shipper(self.config(), clock=self.clock)
         state = {"n": 0, "kill_at": None, "dead": False}
         lock = threading.Lock()  # the shipper's threads (CONCURRENCY > 1) count exchanges together
 
@@ -512,7 +513,7 @@ class Model:
             return f"state unreadable: {exc}"
         with self.world.lock:
             updated = self.world.pipelines[finish.pipeline_id].updated_at
-        now = self.clock.now()
+        now = self.clock()
         cursor_at = datetime.fromisoformat(cursor[0].replace("Z", "+00:00")) if cursor else None
         key = f"{finish.status}|{finish.finished_at or ''}"
         if outbox:

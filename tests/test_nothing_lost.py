@@ -333,8 +333,7 @@ def test_dual_mode_posts_even_when_the_file_output_fails(tmp_path: Path, world: 
                                                           receiver: Receiver, clock: Clock) -> None:
     project = world.add_project("team/app")
     pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")])
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the output folder should be")
+    blocked = _blocked_output(tmp_path)
     report = _cycle(tmp_path, sim, receiver, clock, API_POST_SAVE_TO_FILE="true", LOG_OUTPUT_DIR=str(blocked / "out"))
     assert pipeline.id in by_pipeline(documents(receiver))
     # delivered to the API; kept on the retry list until its files are written too (test_review_findings)
@@ -478,8 +477,7 @@ def test_dual_mode_writes_the_files_once_the_output_folder_works_again(tmp_path:
     wrong owner for one cycle loses them for good, silently (the cycle even counts as complete, exit 0)."""
     project = world.add_project("team/app")
     pipeline = world.add_pipeline(project.id, jobs=[JobSpec("build", log="ok\n")])
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the output folder should be")
+    blocked = _blocked_output(tmp_path)
     output = blocked / "out"
     with GitLabSimulator(world) as sim:
         values = make_env(tmp_path, sim, receiver, INITIAL_LOOKBACK="1h", POLL_OVERLAP="5m", POLL_INTERVAL="60",
