@@ -2,6 +2,7 @@
 
     python bench/cpu_profile.py                   # 60 pipelines x 8 jobs x 50 KB logs, as bench/run.py
     python bench/cpu_profile.py --pipelines 20 --top 40
+    python bench/cpu_profile.py --compare-fields 10   # what DOCUMENT_FIELDS=enriched costs over design
 
 The simulated GitLab and the receiver run in a child process (no latency), so every CPU second measured
 here is the shipper's. Printed, for the same world each time (fresh state, fresh simulator):
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import functools
 import cProfile
 import multiprocessing
 import pstats
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -150,6 +154,65 @@ def report_profile(profile: cProfile.Profile, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
+class _Attributed:
+    """CPU (``time.thread_time``) spent inside the wrapped functions: the part of a cycle that belongs to them,
+    measured in the cycle itself and far less noisy than the difference of two whole cycles."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = threading.local()
+
+    def wrap(self, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self._depth, "n", 0)
+            self._depth.n = depth + 1
+            started = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth.n = depth
+                if depth == 0:
+                    self.seconds += time.thread_time() - started
+        return timed
+
+
+def compare_fields(args: argparse.Namespace, tmp: Path) -> None:
+    """``--compare-fields N``: N alternated one-thread cycles with each DOCUMENT_FIELDS setting. Prints the cycles'
+    CPU (medians, and the median of the paired differences) and the CPU attributed to what only the enriched
+    document does: the section scanner, and the document writing's extra over the design's."""
+    import gitlab_log_shipper.shipper as shipper_module
+    from gitlab_log_shipper.sections import LogScanner
+
+    scanner, writing = _Attributed(), _Attributed()
+    for name in ("feed", "finish", "restart"):
+        setattr(LogScanner, name, scanner.wrap(getattr(LogScanner, name)))
+    shipper_module.write_document = writing.wrap(shipper_module.write_document)  # type: ignore[attr-defined]
+    cycles: dict[str, list[float]] = {"enriched": [], "design": []}
+    scanning: list[float] = []
+    writes: dict[str, list[float]] = {"enriched": [], "design": []}
+    for _ in range(args.compare_fields):
+        for fields in ("design", "enriched"):
+            DOCUMENT_FIELDS[0] = fields
+            scanner.seconds = writing.seconds = 0.0
+            with servers(args) as urls:
+                cpu, _, _ = one_cycle(shipper_for(urls, 1, tmp), inline=True)
+            cycles[fields].append(cpu)
+            writes[fields].append(writing.seconds)
+            if fields == "enriched":
+                scanning.append(scanner.seconds)
+    med = statistics.median
+    design, enriched = med(cycles["design"]), med(cycles["enriched"])
+    paired = med([e - d for e, d in zip(cycles["enriched"], cycles["design"])])
+    extra = med(scanning) + max(0.0, med(writes["enriched"]) - med(writes["design"]))
+    print(f"document fields, {args.compare_fields} alternated one-thread cycles each (imports excluded):")
+    print(f"  cycle CPU, median: design {design:.3f} s, enriched {enriched:.3f} s ({100 * (enriched / design - 1):+.1f} %); "
+          f"median of the paired differences {paired:+.3f} s ({100 * paired / design:+.1f} %)")
+    print(f"  attributed to the enriched document: section scanner {med(scanning):.3f} s, document writing "
+          f"{med(writes['enriched']):.3f} s against {med(writes['design']):.3f} s; together {extra:.3f} s = "
+          f"{100 * extra / design:+.1f} % of the design cycle")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipelines", type=int, default=60)
@@ -158,7 +221,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--document-fields", choices=("enriched", "design"), default="enriched")
+    parser.add_argument("--compare-fields", type=int, default=0, metavar="N",
+                        help="only compare DOCUMENT_FIELDS=enriched with design over N alternated cycles each")
     args = parser.parse_args()
+    if args.compare_fields:
+        compileall.compile_dir(HERE.parent / "gitlab_log_shipper", quiet=1)
+        with tempfile.TemporaryDirectory(prefix="gls-profile-") as tmp_name:
+            compare_fields(args, Path(tmp_name))
+        return 0
     DOCUMENT_FIELDS[0] = args.document_fields
     compileall.compile_dir(HERE.parent / "gitlab_log_shipper", quiet=1)  # as pip would have
 

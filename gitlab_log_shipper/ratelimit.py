@@ -15,11 +15,16 @@ It is thread-safe; time and sleep are injected so tests need not wait.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Mapping
 
 MAX_WAIT = 60.0
+LOG_WAIT = 1.0
+"""A wait for GitLab's window to reset of at least this many seconds is logged (a pause is never silent)."""
+
+log = logging.getLogger(__name__)
 
 
 class Throttle:
@@ -46,6 +51,7 @@ class Throttle:
     def before_request(self) -> None:
         """Block until this request may go out."""
         delay = 0.0
+        budget_wait = 0.0
         with self._lock:
             now = self._monotonic()
             if self.max_per_second > 0:
@@ -55,9 +61,14 @@ class Throttle:
             if self.remaining is not None and self.reset_at is not None and self.remaining <= self.reserve:
                 until_reset = self.reset_at - self._wall()
                 if until_reset > 0:
-                    delay = max(delay, min(until_reset, MAX_WAIT))
+                    budget_wait = min(until_reset, MAX_WAIT)
+                    left, limit = self.remaining, self.limit
+                    delay = max(delay, budget_wait)
                     # assume the window resets: later requests should not all wait for the same reset
                     self.remaining = None
+        if budget_wait >= LOG_WAIT:
+            log.warning("GitLab rate limit: %s of %s requests left in this window; pausing %.0f s until it resets",
+                        left, limit if limit is not None else "?", budget_wait)
         if delay > 0:
             self._sleep(delay)
 
@@ -68,7 +79,7 @@ class Throttle:
             return
         with self._lock:
             self.remaining = remaining
-            self.limit = _int(headers.get("RateLimit-Limit"))
+            self.limit = _int(headers.get("RateLimit-Limit")) or self.limit
             reset = _int(headers.get("RateLimit-Reset"))
             self.reset_at = float(reset) if reset is not None else None
 

@@ -677,7 +677,7 @@ class Shipper:
         log_path = spool / f"job-{job['id']}.log"
         # Sections and the failure excerpt are read from the masked log as it streams in (no second read, nothing
         # held in memory), before MAX_JOB_LOG_BYTES cuts it: they describe the whole log.
-        scanner = LogScanner() if self.enriched else None
+        scanner = LogScanner(failure=job.get("status") == "failed") if self.enriched else None
         # Masked and cut while it streams in: the spool never holds more than MAX_JOB_LOG_BYTES of it.
         with CappedLog(log_path, self.config.max_job_log_bytes, "MAX_JOB_LOG_BYTES",
                        patterns=self.redactor.patterns if self.redactor else (),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_requests_per_pipeline_are_the_minimum(tmp_path: Path, world: World, git
     assert gitlab_sim.counters["pipelines"] == 1
 
 
-def test_throttle_caps_the_rate_and_waits_for_the_reset() -> None:
+def test_throttle_caps_the_rate_and_waits_for_the_reset(caplog: pytest.LogCaptureFixture) -> None:
     clock = [1000.0]
     slept: list[float] = []
 
@@ -68,8 +69,12 @@ def test_throttle_caps_the_rate_and_waits_for_the_reset() -> None:
     throttle.before_request()
     assert slept == []  # plenty left
     throttle.observe({"RateLimit-Remaining": "3", "RateLimit-Reset": str(int(clock[0]) + 30)})
-    throttle.before_request()
+    with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper.ratelimit"):
+        throttle.before_request()
     assert slept == [pytest.approx(30, abs=1)]  # nearly out: wait for the window to reset instead of earning a 429
+    # a pause of half a minute is said, with its reason (found when a benchmark run stalled 55 s without a word)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"GitLab rate limit: 3 of 2000 requests left in this window; pausing {slept[0]:.0f} s until it resets"]
     throttle.before_request()
     assert len(slept) == 1  # the next answer tells the new budget; no second wait on stale numbers
     throttle.observe({"RateLimit-Remaining": "1", "RateLimit-Reset": str(int(clock[0]) + 3600)})

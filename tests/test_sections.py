@@ -344,3 +344,30 @@ def test_long_line_without_newline_is_bounded_and_chunking_independent() -> None
             assert len(scanner._s.carry) < 80 * 1024 + chunk  # bounded, not the whole line
             assert len(scanner._s.tail) <= scanner._tail_max
         assert scanner.finish() == expected
+
+
+@pytest.mark.parametrize("which", range(len(_CORPUS)))
+def test_a_job_that_did_not_fail_gets_the_same_sections_and_no_failure_details(which: int) -> None:
+    # failure=False is what the shipper asks for a job whose status is not "failed": nothing is recorded
+    # for an excerpt and no "Job failed" line is looked for, but the sections are the same.
+    result = scan(_CORPUS[which], chunk=977, failure=False)
+    assert result.sections == _EXPECTED[which].sections
+    assert result.sections_dropped == _EXPECTED[which].sections_dropped
+    assert (result.exit_code, result.excerpt) == (None, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"section_", b"section_start:1:a\r\x1b[0K", b"section_end:2:a\r\x1b[0K", b"x",
+                                 b"\n", b"ERROR: Job failed: exit code 3", b"section_start:9:b[collapsed=true]\r\x1b[0K",
+                                 b"\r", b"\x1b[0K", b"section_start:"]), max_size=40),
+       st.integers(0, 30), st.integers(0, 30))
+def test_find_all_finds_what_finditer_finds(pieces: list[bytes], start: int, shorten: int) -> None:
+    # The scanner searches markers with bytes.find + match (faster than the regex's own scan): same matches.
+    from gitlab_log_shipper.sections import _FAILED_RE, _MARKER_RE, _find_all
+
+    block = b"".join(pieces)
+    start = min(start, len(block))
+    end = max(start, len(block) - shorten)
+    for literal, pattern in ((b"section_", _MARKER_RE), (b"ERROR: Job failed", _FAILED_RE)):
+        got = [(at, m.group(0)) for at, m, _ in _find_all(block, literal, start, end, pattern, True)]
+        assert got == [(m.start(), m.group(0)) for m in pattern.finditer(block, start, end)]

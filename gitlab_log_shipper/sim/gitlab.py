@@ -1018,6 +1018,12 @@ class GitLabSimulator(LoopbackService):
             self.faults_served.clear()
             self.bytes_sent = 0
 
+    def reset_rate_window(self) -> None:
+        """Start a new rate-limit window now (as if a minute had passed): for runs that must not share a budget."""
+        with self._stats_lock:
+            self._rate_window_start = None
+            self._rate_count = 0
+
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def _count(self, endpoint: str) -> None:
