@@ -26,7 +26,7 @@ from .errors import GitLabSourceError, ShipperError
 from .logsetup import APP_LOG_BACKUPS
 from .poster import ApiPoster
 from .requestlog import ManagedRequestLog
-from .source import DiscoveryProblem, GitLabSource
+from .gitlab.rest import DiscoveryProblem, GitLabSource
 from .state import MARKER_NAME, StateStore
 from .timeutil import format_ts
 

@@ -1,6 +1,6 @@
 """The shipping logic: which pipelines to ship, building their document, handing it to API and/or files.
 
-Knows neither HTTP details (``poster``) nor python-gitlab (``source``); decides on time only through the
+Knows neither HTTP details (``poster``) nor python-gitlab (``gitlab.rest``); decides on time only through the
 injected ``clock`` and GitLab's own clock (the ``Date`` of its answers). One poll of a project:
 
 1. list pipelines updated since (cursor − ``POLL_OVERLAP``), keyset-paged so that deletions never make a row
@@ -58,7 +58,7 @@ from .dryrun import ReadOnlyStateStore
 from .poster import ApiPoster
 from .redact import Redactor
 from .requestlog import ManagedRequestLog
-from .source import DiscoveryProblem, GitLabSource, ProjectRef
+from .gitlab.rest import DiscoveryProblem, GitLabSource, ProjectRef
 from .sections import LogScanner, ScanResult
 from .spool import CappedLog
 from .state import RetryEntry, StateStore

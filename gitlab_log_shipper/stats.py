@@ -26,7 +26,7 @@ from .shipper import (
     SHIPPED,
     CycleReport,
 )
-from .source import ProjectRef
+from .gitlab.rest import ProjectRef
 from .state import StateStore
 from .timeutil import format_ts
 

@@ -25,7 +25,7 @@ from gitlab_log_shipper.shipper import CHANGED, FAILED, SHIPPED, Shipper
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
-from gitlab_log_shipper.source import GitLabSource
+from gitlab_log_shipper.gitlab.rest import GitLabSource
 from gitlab_log_shipper.state import StateStore
 from gitlab_log_shipper.status import collect, render
 from gitlab_log_shipper.timeutil import format_ts
@@ -345,7 +345,7 @@ def test_dual_mode_posts_even_when_the_file_output_fails(tmp_path: Path, world: 
 
 def test_the_commit_email_cache_is_safe_under_threads(tmp_path: Path, world: World, sim: GitLabSimulator,
                                                       clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gitlab_log_shipper.source as source_module
+    import gitlab_log_shipper.gitlab.rest as source_module
 
     project = world.add_project("team/app")
     shas = [world.add_pipeline(project.id, author_email=f"a{i}@example.com").sha for i in range(40)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gitlab_log_shipper.ratelimit import Throttle
+from gitlab_log_shipper.gitlab.throttle import Throttle
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.receiver import Receiver
@@ -69,7 +69,7 @@ def test_throttle_caps_the_rate_and_waits_for_the_reset(caplog: pytest.LogCaptur
     throttle.before_request()
     assert slept == []  # plenty left
     throttle.observe({"RateLimit-Remaining": "3", "RateLimit-Reset": str(int(clock[0]) + 30)})
-    with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper.gitlab.throttle"):
         throttle.before_request()
     assert slept == [pytest.approx(30, abs=1)]  # nearly out: wait for the window to reset instead of earning a 429
     # a pause of half a minute is said, with its reason (found when a benchmark run stalled 55 s without a word)

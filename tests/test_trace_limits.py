@@ -28,7 +28,7 @@ from gitlab_log_shipper.shipper import FAILED, SHIPPED, Shipper
 from gitlab_log_shipper.sim.gitlab import Faults, GitLabSimulator
 from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.world import JobSpec, World
-from gitlab_log_shipper.source import GitLabSource
+from gitlab_log_shipper.gitlab.rest import GitLabSource
 from gitlab_log_shipper import spool
 from gitlab_log_shipper.spool import CappedLog
 

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Union
 import requests
 import urllib3.exceptions
 
-from .spool import LogSink
+from ..spool import LogSink
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ import requests.adapters
 import urllib3
 from urllib3.exceptions import InsecureRequestWarning
 
-from . import __version__
-from .config import Config
+from .. import __version__
+from ..config import Config
 from .download import BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, format_seconds
 from .download import restart as restart_sink
-from .errors import GitLabSourceError
-from .ratelimit import Throttle
-from .security import escape_controls, mask_secrets
-from .spool import LogSink
-from .timeutil import format_ts, parse_ts
+from ..errors import GitLabSourceError
+from .throttle import Throttle
+from ..security import escape_controls, mask_secrets
+from ..spool import LogSink
+from ..timeutil import format_ts, parse_ts
 
 log = logging.getLogger(__name__)
 
