@@ -26,9 +26,10 @@ from .errors import GitLabSourceError, ShipperError
 from .logsetup import APP_LOG_BACKUPS
 from .poster import ApiPoster
 from .requestlog import ManagedRequestLog
+from .gitlab.graphql import GraphQLDetector, decide_api
 from .gitlab.rest import DiscoveryProblem, GitLabSource
 from .state import MARKER_NAME, StateStore
-from .timeutil import format_ts
+from .timeutil import format_ts, utcnow
 
 TOKEN_EXPIRY_WARNING_DAYS = 14
 REPORTER = 20  # GitLab access level needed to read job logs
@@ -93,9 +94,34 @@ def _gitlab(config: Config, today: date) -> Iterator[Check]:
         yield Check("token user", True, f"the token acts as {_get(user, 'username')} ({_get(user, 'name')}, "
                     f"id {_get(user, 'id')}){bot}")
         yield _token(source, today)
+        yield _detection(config, source)
         yield from _projects(config, source)
     finally:
         source.close()
+
+
+def _detection(config: Config, source: GitLabSource) -> Check:
+    """GITLAB_API: which way changes will be found, and why (the probe the daemon runs at its first cycle)."""
+    probe = None
+    if config.gitlab_api != "rest":
+        try:
+            probe = GraphQLDetector(source, children=config.poll_child_pipelines, clock=utcnow).probe()
+        except GitLabSourceError as exc:
+            return Check("change detection", config.gitlab_api != "graphql",
+                         f"GitLab's GraphQL probe failed ({_reason(exc, 'GraphQL probe')}); the daemon probes again at "
+                         "its first cycle and lists with REST meanwhile", warning=True)
+    choice = decide_api(config.gitlab_api, probe, children=config.poll_child_pipelines)
+    if choice.mode == "graphql":
+        detail = (f"GraphQL (GITLAB_API={config.gitlab_api}): {choice.reason}; a few requests per cycle for all "
+                  f"projects, every {config.effective_poll_interval_graphql:g} s")
+    else:
+        per_project = 2 if config.poll_child_pipelines else 1
+        detail = (f"REST ({choice.reason}); {per_project} request(s) per project and cycle, every "
+                  f"{config.poll_interval:g} s")
+    if choice.problem:
+        detail += f"; {choice.problem}"
+    ok = not (config.gitlab_api == "graphql" and choice.mode == "rest")
+    return Check("change detection", ok, detail, warning=bool(choice.problem) and ok)
 
 
 def _reason(exc: Exception, what: str) -> str:

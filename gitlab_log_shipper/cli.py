@@ -188,7 +188,7 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
         except (AttributeError, ValueError, OSError):
             pass  # stderr is not a real file (embedded, tests): no stack dumps, nothing else changes
         ops.ready()
-        run_forever(shipper, config.poll_interval, hooks=ops, signals=signals)
+        run_forever(shipper, hooks=ops, signals=signals)
         ops.stopping()
     sys.exit(signals.exit_code())  # 0 after SIGTERM/SIGINT; 129 after SIGHUP, so that systemd starts it again
 

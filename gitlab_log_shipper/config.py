@@ -63,6 +63,7 @@ class Config:
     gitlab_ca_bundle: Path | None = None
 
     poll_interval: float = 60.0
+    poll_interval_set: bool = False  # POLL_INTERVAL given: GraphQL detection then keeps it instead of its own default
     poll_overlap: float = 300.0
     initial_lookback: float = 3600.0
     discovery_interval: float = 600.0
@@ -116,6 +117,13 @@ class Config:
     ignored_variables: tuple[str, ...] = ()
     job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
     document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
+    gitlab_api: str = "auto"  # GITLAB_API: auto (GraphQL detection when GitLab offers it) | rest | graphql
+
+    @property
+    def effective_poll_interval_graphql(self) -> float:
+        """POLL_INTERVAL when GraphQL detection is used: the one given, else GRAPHQL_POLL_INTERVAL (detection costs a
+        few requests per cycle whatever the number of projects, so polling often is cheap)."""
+        return self.poll_interval if self.poll_interval_set else GRAPHQL_POLL_INTERVAL
 
     @property
     def mode(self) -> str:
@@ -186,6 +194,10 @@ def _number(name: str, raw: str, *, minimum: float, maximum: float, integer: boo
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+GRAPHQL_POLL_INTERVAL = 10.0
+"""POLL_INTERVAL's default with GraphQL detection (REST: 60 s)."""
 
 
 def parse_duration(raw: str) -> timedelta | None:
@@ -468,6 +480,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         gitlab_tls_verify=gitlab_tls_verify,
         gitlab_ca_bundle=gitlab_ca_bundle,
         poll_interval=opt("POLL_INTERVAL", "60", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
+        poll_interval_set=get("POLL_INTERVAL") is not None,
         poll_overlap=opt("POLL_OVERLAP", "300", lambda n, r: _duration(n, r, minimum=0, maximum=WEEK)),
         initial_lookback=opt("INITIAL_LOOKBACK", "1h", lambda n, r: _duration(n, r, minimum=0, maximum=MAX_LOOKBACK)),
         discovery_interval=opt("DISCOVERY_INTERVAL", "600", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
@@ -511,6 +524,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
         job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
+        gitlab_api=opt("GITLAB_API", "auto", lambda n, r: _choice(n, r, ("auto", "rest", "graphql"))),
     )
 
 

@@ -162,9 +162,10 @@ def _exit_now(spool: Path, code: int, farewell: str | None) -> None:
     os._exit(code)
 
 
-def run_forever(shipper: Shipper, interval: float, *, on_cycle: Callable[[CycleReport], None] | None = None,
+def run_forever(shipper: Shipper, interval: float | None = None, *, on_cycle: Callable[[CycleReport], None] | None = None,
                 hooks: CycleHooks | None = None, signals: StopSignals | None = None) -> None:
-    """Run a cycle now, then every ``interval`` seconds, until ``shipper.stop`` is set.
+    """Run a cycle now, then every ``interval`` seconds (None: ``shipper.poll_interval``, read after each cycle: its
+    default depends on how changes are found), until ``shipper.stop`` is set.
 
     A cycle that fails — an unexpected error, a busy state store, a full disk — is logged and the next one
     runs on schedule, the first cycle included. Only a state store that cannot be used (StateError) ends
@@ -180,7 +181,7 @@ def run_forever(shipper: Shipper, interval: float, *, on_cycle: Callable[[CycleR
 
     def cycle() -> None:
         nonlocal failures
-        delay = interval
+        delay = base = interval if interval is not None else shipper.poll_interval
         hooks.cycle_started()
         try:
             report = run_in_worker(shipper, shipper.run_cycle, hooks, signals)
@@ -198,8 +199,10 @@ def run_forever(shipper: Shipper, interval: float, *, on_cycle: Callable[[CycleR
                 if on_cycle:
                     on_cycle(report)
                 failures = failures + 1 if report.gitlab_unreachable else 0
+                if interval is None:
+                    delay = base = shipper.poll_interval  # the first cycle may have decided REST or GraphQL
                 if failures:
-                    delay = min(MAX_BACKOFF, interval * 2**failures)
+                    delay = min(MAX_BACKOFF, base * 2**failures)
                     log.warning("GitLab could not be polled (%d cycle(s) in a row); next attempt in %.0f s",
                                 failures, delay)
         scheduler.clear()

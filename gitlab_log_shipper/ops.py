@@ -85,7 +85,12 @@ class Operations(CycleHooks):
         logging.getLogger().addHandler(_LogProgress(self._on_response))
         self.notifier.ready("started; first poll cycle running")
         self._last_keepalive = self.monotonic()
-        log.info("gitlab-log-shipper started (mode %s, every %.0f s)%s", self.config.mode, self.config.poll_interval,
+        config = self.config
+        if config.gitlab_api == "rest" or config.poll_interval_set:
+            every = f"every {config.poll_interval:.0f} s"
+        else:  # the first cycle's probe decides; POLL_INTERVAL's default differs
+            every = f"every {config.poll_interval:.0f} s with REST, {config.effective_poll_interval_graphql:.0f} s with GraphQL"
+        log.info("gitlab-log-shipper started (mode %s, %s)%s", config.mode, every,
                  "; notifying systemd" if self.notifier.enabled else "")
 
     def cycle_started(self) -> None:

@@ -58,6 +58,7 @@ from .dryrun import ReadOnlyStateStore
 from .poster import ApiPoster
 from .redact import Redactor
 from .requestlog import ManagedRequestLog
+from .gitlab.graphql import Detected, GraphQLDetector, GraphQLUnusable, Probe, decide_api
 from .gitlab.rest import DiscoveryProblem, GitLabSource, ProjectRef
 from .sections import LogScanner, ScanResult
 from .spool import CappedLog
@@ -83,6 +84,9 @@ RETRY_WAITING = "retry_waiting"  # failed before; its next attempt is not due ye
 OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING = "outbox_delivered", "outbox_dead_lettered", "outbox_waiting"
 OUTBOX_COUNTS = (OUTBOX_SENT, OUTBOX_DEAD, OUTBOX_WAITING)
 REQUEST_LOG_FAILURES = "request_log_write_failures"  # api-requests.log lines that could not be written this cycle
+GRAPHQL_FALLBACKS = "graphql_fallbacks"  # GraphQL detection failed as a whole this cycle: REST listed every project
+REST_LISTED = "rest_listed_projects"  # GraphQL mode: projects listed through REST (absent from GraphQL's answer)
+GRAPHQL_REPROBE = 3600.0  # after a fallback at run time, GraphQL is probed again this many seconds later
 HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere
 TRY_AGAIN = frozenset({FAILED, CHANGED})  # kept in the retry list (state.retries) until shipped or gone
 # A pipeline that keeps failing is tried again at the next two cycles, then after POLL_INTERVAL, twice as long each
@@ -206,6 +210,13 @@ class Shipper:
             _remove_dead_spools(config.state_dir / "spool")
         self._projects: list[ProjectRef] | None = None
         self._discovered_at: datetime | None = None
+        # GITLAB_API: how changes are found. "rest" lists each project; "graphql" detects many projects per request
+        # (gitlab/graphql.py). auto: decided by a probe of /api/graphql at the first cycle that reaches GitLab.
+        self.detector = GraphQLDetector(self.source, children=config.poll_child_pipelines, clock=clock)
+        self.api_mode: str | None = "rest" if config.gitlab_api == "rest" else None
+        self.api_reason = "GITLAB_API=rest" if config.gitlab_api == "rest" else "not probed yet"
+        self._probe_again_at: datetime | None = None
+        self._missing_in_graphql: set[int] = set()  # projects already said to be absent from GraphQL's answers
         self.missing_projects: list[DiscoveryProblem] = []  # of the latest discovery
         self._previous_poll: datetime | None = None  # the newest cursor at the start of the cycle
         # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
@@ -217,6 +228,59 @@ class Shipper:
 
     def __repr__(self) -> str:
         return f"Shipper(gitlab={self.config.gitlab_url!r}, mode={self.config.mode!r})"
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between two cycles: POLL_INTERVAL, whose default is shorter with GraphQL detection."""
+        if self.api_mode == "graphql":
+            return self.config.effective_poll_interval_graphql
+        return self.config.poll_interval
+
+    # -- how changes are found (GITLAB_API) ------------------------------------------------------
+
+    def choose_api(self, probe: Probe | None = None) -> str:
+        """Decide REST or GraphQL detection (GITLAB_API, :func:`graphql.decide_api`), probing /api/graphql unless
+        ``probe`` is given or GITLAB_API=rest. Logged when it changes, with its reason. Raises GitLabSourceError when
+        GitLab cannot be reached (the decision is then made at a later cycle)."""
+        if self.config.gitlab_api != "rest" and probe is None:
+            probe = self.detector.probe()
+        choice = decide_api(self.config.gitlab_api, probe, children=self.config.poll_child_pipelines)
+        if choice.problem:
+            (log.error if choice.mode == "rest" else log.warning)("%s", choice.problem)
+        if (choice.mode, choice.reason) != (self.api_mode, self.api_reason):
+            log.info("detecting changes with %s (%s)", "GraphQL" if choice.mode == "graphql" else "REST", choice.reason)
+        self.detector.children = choice.children
+        self.api_mode, self.api_reason = choice.mode, choice.reason
+        return choice.mode
+
+    def _decide_api(self) -> None:
+        """At the start of a cycle: probe when nothing is decided yet, or again an hour after a fallback."""
+        due = self._probe_again_at is not None and self.clock() >= self._probe_again_at
+        if self.api_mode is not None and not due:
+            return
+        try:
+            self.choose_api()
+            self._probe_again_at = None
+        except GitLabSourceError as exc:
+            if self.api_mode is None:
+                log.warning("cannot probe GitLab's GraphQL API (%s); this cycle lists with REST", exc)
+
+    def _detect(self, projects: list[ProjectRef], report: CycleReport) -> dict[int, Detected]:
+        """GraphQL mode: every project's changes, a few POSTs for all of them. On a GraphQL failure as a whole
+        (schema refused, API gone) every project is listed through REST this cycle, said once and counted."""
+        started = self.clock()
+        wanted = [(p.id, self._window_start(p, started) - timedelta(seconds=self.config.poll_overlap)) for p in projects]
+        try:
+            return self.detector.detect(wanted, self.stop)
+        except GraphQLUnusable as exc:
+            report.counts[GRAPHQL_FALLBACKS] += 1
+            log.warning("GraphQL detection failed (%s); every project is listed with REST, and GraphQL is probed "
+                        "again in %.0f min", exc, GRAPHQL_REPROBE / 60)
+            self.api_mode, self.api_reason = "rest", f"fell back at run time: {exc}"
+            self._probe_again_at = started + timedelta(seconds=GRAPHQL_REPROBE)
+            return {}
+        except GitLabSourceError as exc:  # unreachable, token rejected: every project fails as with REST
+            return {p.id: Detected(p.id, started, error=str(exc)) for p in projects}
 
     def close(self) -> None:
         for pool in (self._project_pool, self._pipeline_pool, self._trace_pool):
@@ -308,7 +372,7 @@ class Shipper:
             if self.stop.is_set():
                 return False
             try:
-                self.poll_project(project, report)
+                self.poll_project(project, report, detected.get(project.id))
                 return True
             except GitLabSourceError as exc:
                 log.error("project %s: %s; will retry next cycle", project.id, _without_prefix(str(exc), project.id))
@@ -319,6 +383,8 @@ class Shipper:
         # cycle reached GitLab, for the first window of a project that appeared since (see poll_project).
         known = self.state.cursors()
         self._previous_poll = max(known.values()) if known else None
+        self._decide_api()
+        detected = self._detect(projects, report) if self.api_mode == "graphql" and projects else {}
         polled = sum(_all_results(self._project_pool, poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
         if polled and not self.stop.is_set():
@@ -365,8 +431,8 @@ class Shipper:
             for result in _all_results(self._pipeline_pool, lambda task: task(), self._retry_tasks(project, entries)):
                 report.add(result)
 
-    def poll_project(self, project: ProjectRef, report: CycleReport) -> None:
-        started = self.clock()
+    def _window_start(self, project: ProjectRef, started: datetime) -> datetime:
+        """The project's cursor: where its next listing starts (before POLL_OVERLAP)."""
         cursor = self.state.get_cursor(project.id)
         if cursor is None:
             # Stored at once, before the first listing: a project whose first polls fail (or that stays idle) keeps
@@ -389,8 +455,22 @@ class Shipper:
                             "machine stamped for it (%s); listing from there", project.id, format_ts(cursor),
                             format_ts(bound))
                 cursor = bound
+        return cursor
+
+    def poll_project(self, project: ProjectRef, report: CycleReport, detected: Detected | None = None) -> None:
+        """List what changed in the project since its cursor, ship it, move the cursor. ``detected``: what GraphQL
+        detection found for it this cycle (its listing, or why it has none); None: listed through REST."""
+        if detected is not None and detected.error is not None:
+            raise GitLabSourceError(detected.error)  # that block failed: the cursor stays, next cycle tries again
+        started = detected.started if detected is not None and detected.listing is not None else self.clock()
+        cursor = self._window_start(project, started)
         since = cursor - timedelta(seconds=self.config.poll_overlap)
-        listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
+        if detected is not None and detected.listing is not None:
+            listing = detected.listing
+        else:
+            if detected is not None and detected.missing:
+                self._listed_through_rest(project, report)
+            listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
         if listing.gitlab_now is not None and since > listing.gitlab_now:
             # A cursor ahead of GitLab's clock: set by an earlier version from a row stamped by a node whose clock
             # ran ahead, or by a clock that was wrong. What finished since the last real poll would be skipped.
@@ -422,6 +502,15 @@ class Shipper:
             log.warning("project %s: GitLab's clock (%s) and this machine's (%s) differ by more than POLL_OVERLAP; "
                         "check NTP on both", project.id, format_ts(listing.gitlab_now), format_ts(started))
         self.state.set_cursor(project.id, new_cursor, started)
+
+    def _listed_through_rest(self, project: ProjectRef, report: CycleReport) -> None:
+        """A project GraphQL's answer left out (GitLab omits projects the token cannot see there): listed with REST,
+        said once per project and process, counted every cycle."""
+        report.counts[REST_LISTED] += 1
+        if project.id not in self._missing_in_graphql:
+            self._missing_in_graphql.add(project.id)
+            log.warning("project %s: absent from GitLab's GraphQL answer (not visible to the token there, or just "
+                        "deleted); listed with REST instead, every cycle", project.id)
 
     def _retry_tasks(self, project: ProjectRef, entries: Iterable[RetryEntry]) -> list[Callable[[], ShipResult]]:
         """Retry-list entries whose rows are not in a listing: the due ones are read by id, the others are reported
@@ -640,7 +729,7 @@ class Shipper:
         commit_email = None
         user = detail.get("user")
         if user and not user.get("public_email"):
-            commit_email = self.source.commit_author_email(project.id, detail.get("sha"))
+            commit_email = self._commit_email(project, detail)
         header = document_header(project.name, detail, user_of(detail, commit_email), stage_order(all_jobs),
                                  jobs=all_jobs, enriched=self.enriched)
         warnings = [f"job {job.fields['job_id']} ({job.fields.get('job_name')}): {job.error}" for job in unreadable]
@@ -654,6 +743,15 @@ class Shipper:
         if warnings and self.enriched:
             header["warnings"] = warnings
         return header, jobs
+
+    def _commit_email(self, project: ProjectRef, detail: Mapping[str, Any]) -> str | None:
+        """The commit author's e-mail: from GraphQL's detection row when it found this pipeline (no request), else the
+        commit through REST."""
+        if self.api_mode == "graphql":
+            emails = self.detector.email_of(int(detail["id"]))
+            if emails is not None:
+                return emails[1]
+        return self.source.commit_author_email(project.id, detail.get("sha"))
 
     def _fetch_log_or_note(self, project: ProjectRef, pipeline_id: int, job: Mapping[str, Any], spool: Path) -> JobLog:
         """:meth:`_fetch_log`, with a log GitLab will not serve (404, 403) noted in the job instead of failing."""

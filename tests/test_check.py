@@ -36,7 +36,7 @@ def test_everything_passes_on_a_good_setup(tmp_path: Path, world: World, gitlab_
     result = env.invoke("check")
     assert result.exit_code == 0, result.output
     found = lines(result.output)
-    assert set(found) == {"configuration", "GitLab", "token user", "token scopes and expiry",
+    assert set(found) == {"configuration", "GitLab", "token user", "token scopes and expiry", "change detection",
                           f"project {other.path_with_namespace}", "group acme", "receiver", "STATE_DIR", "LOG_DIR",
                           "LOG_OUTPUT_DIR", "state store"}
     assert all(line.startswith("✓ ") for line in found.values()), result.output
@@ -49,7 +49,7 @@ def test_everything_passes_on_a_good_setup(tmp_path: Path, world: World, gitlab_
     assert "2 project(s), subgroups included" in found["group acme"]
     assert "HTTP 405 to a GET; no document posted" in found["receiver"]
     assert "does not exist yet; it will be created" in found["STATE_DIR"]
-    assert result.output.rstrip().endswith("all 11 checks passed")
+    assert result.output.rstrip().endswith("all 12 checks passed")
     assert receiver.requests == []  # nothing was posted
     assert not (tmp_path / "state").exists() and not (tmp_path / "logs").exists()  # nothing was created
     assert app.id
@@ -92,7 +92,7 @@ def test_failures_are_crosses_and_exit_1(tmp_path: Path, world: World, gitlab_si
     assert found["test document"].startswith("✗ ") and "no answer" in found["test document"]
     assert found["STATE_DIR"].startswith("✗ ") and "not a folder" in found["STATE_DIR"]
     assert found["LOG_DIR"].startswith("✗ ") and "is not a folder" in found["LOG_DIR"]
-    assert "6 of 11 checks failed" in result.output
+    assert "6 of 12 checks failed" in result.output
 
 
 def test_rejected_token_stops_the_gitlab_checks(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:

@@ -1,0 +1,527 @@
+"""Change detection through GitLab's GraphQL API: which pipelines moved, for many projects in one request.
+
+REST lists pipelines per project (two requests per project and cycle, one more for child pipelines), so an idle
+cycle over 1,000 projects costs 2,000 requests. Here one POST to ``/api/graphql`` covers up to a few hundred
+projects: aliased ``projects(ids: …)`` blocks of up to 100 projects, each project with two aliased
+``pipelines(updatedAfter: …)`` connections (the normal list, and ``source: "parent_pipeline"``, because GitLab
+lists child pipelines only when asked, as in REST). What it finds becomes the same :class:`rest.Listing` the REST
+list gives, so the seen-check, the filters and the cursor logic downstream do not fork. Job lists and logs still
+come from REST (float durations, millisecond times: the document does not change).
+
+GitLab behaviours this relies on (GitLab's source, ``gitlabhq/gitlabhq``):
+
+* The complexity of a query is computed before it runs (``app/graphql/types/base_field.rb``): 1 per field, and a
+  connection field costs ``(child complexity + 1) * (1 + 0.01 * limit)``, ``limit`` = ``first`` capped at the page
+  size (100). A signed-in user may send 250 (``GitlabSchema::AUTHENTICATED_MAX_COMPLEXITY``), at most 10,000
+  characters of query text (``GraphqlController``), and a query runs at most 30 s. :func:`complexity` computes
+  the cost of our query the same way; when GitLab's error names another number, the estimate is corrected.
+* Errors may come with HTTP 200: ``{"errors": [...], "data": {...}}``, a path naming the alias that failed.
+* ``projects(ids:)`` takes global IDs (``gid://gitlab/Project/1``) and leaves out, silently, projects the token
+  cannot see; the shipper polls those through REST and says so.
+* Pipelines come newest id first, paged by keyset cursors on the id: a deletion between two pages shifts nothing,
+  and a pipeline that moves while we page keeps its place (it comes again next cycle with its new state).
+* Statuses are upper case (``SUCCESS``), times have whole seconds; REST's are lower case with milliseconds. The
+  rows handed downstream carry REST's status spelling and GraphQL's time as GitLab wrote it.
+* One POST is one request of the same rate-limit budget REST uses (``RateLimit-*`` headers are observed by the
+  shared session's :class:`throttle.Throttle`).
+
+Transport: python-gitlab's own ``http_request`` on the same session as REST (redirect protection, 429 handling,
+timeouts), not python-gitlab's experimental GraphQL client, which neither retries nor sets a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from ..errors import GitLabSourceError
+from ..timeutil import format_ts, parse_ts
+from .rest import FUTURE_TOLERANCE, Listing, _date_header
+
+if TYPE_CHECKING:
+    from .rest import GitLabSource
+
+log = logging.getLogger(__name__)
+
+PROJECT_GID = "gid://gitlab/Project/"
+PIPELINE_GID = "gid://gitlab/Ci::Pipeline/"
+PAGE_SIZE = 100  # GitLab's default_max_page_size: the most `first` may ask for
+MAX_COMPLEXITY = 250  # GitlabSchema::AUTHENTICATED_MAX_COMPLEXITY
+MAX_QUERY_CHARS = 10_000  # GraphqlController: longer query texts are refused
+BLOCK_MAX = PAGE_SIZE  # projects per projects(ids:) block: one page of that connection
+START_BATCH = 50  # projects per POST at first; grows while answers are quick, shrinks when slow
+SLOW = 10.0  # an answer slower than this (a third of GitLab's 30 s limit) halves the batch
+QUICK = 3.0  # an answer quicker than this lets the batch grow
+REQUEST_TIMEOUT = 40.0  # GitLab stops a query after 30 s; a little longer before we give up on the answer
+MAX_FOLLOW_PAGES = 1000  # pages of one project's connection in one cycle (100,000 rows): a bound, never reached
+
+# The fields of one pipeline row: what the seen-check needs (id, status, updatedAt), and the two e-mails the
+# document's user takes (the user's public e-mail, else the commit author's), so that no commit request is needed.
+# (Not `source`: the rows downstream do not need it, and GitLab 16 has no Pipeline.source field.)
+NODE_FIELDS = "id iid status updatedAt user { publicEmail } commit { authorEmail }"
+NODE_FIELD_COUNT = 8  # id, iid, status, updatedAt, user, publicEmail, commit, authorEmail
+CONNECTIONS = ("all", "children")
+
+_COMPLEXITY_RE = re.compile(r"complexity of (\d+), which exceeds max complexity of (\d+)")
+
+
+class GraphQLUnusable(GitLabSourceError):
+    """GitLab's GraphQL API cannot serve the detection query at all (disabled, schema without the fields, query
+    refused as invalid): the shipper falls back to REST, says so once, and counts it."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What ``/api/graphql`` answered to the probe: whether detection can use it and why (or why not)."""
+
+    usable: bool
+    reason: str
+    version: str | None = None
+    children: bool = False  # child pipelines can be listed (source: "parent_pipeline", GitLab 17.0+)
+
+
+@dataclass
+class Detected:
+    """One project's result of a detection: its listing, or why it has none.
+
+    ``listing`` is None when the project was absent from GitLab's answer (``missing``: not visible to the token,
+    deleted) or its block failed (``error``). ``started``: our clock when the POST that found it went out."""
+
+    project_id: int
+    started: datetime
+    listing: Listing | None = None
+    missing: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _Batch:
+    wanted: list[tuple[int, datetime]]  # (project id, listed from)
+
+    def split(self) -> list["_Batch"]:
+        half = len(self.wanted) // 2
+        return [_Batch(self.wanted[:half]), _Batch(self.wanted[half:])]
+
+
+def complexity(blocks: list[int], *, children: bool) -> int:
+    """GitLab's complexity of our detection query with blocks of these many projects (see the module docstring)."""
+    def connection(child: int, limit: int) -> int:
+        return int((child + 1) * (1 + 0.01 * min(limit, PAGE_SIZE)))
+
+    page_info = 3  # pageInfo { hasNextPage endCursor }
+    pipelines = connection(page_info + 1 + NODE_FIELD_COUNT, PAGE_SIZE)
+    project = 1 + 1 + pipelines * (2 if children else 1)  # nodes { id all children }
+    return sum(connection(page_info + project, size) for size in blocks)
+
+
+def detection_query(blocks: int, *, children: bool, follow: str | None = None) -> str:
+    """The query text for ``blocks`` projects(ids:) blocks; ``follow`` ("all"/"children"): one block, one
+    connection, from ``$after`` on (the next page of one project)."""
+    conns = [follow] if follow else list(CONNECTIONS if children else CONNECTIONS[:1])
+    variables: list[str] = []
+    parts: list[str] = []
+    for b in range(blocks):
+        variables += [f"$ids{b}: [ID!]", f"$n{b}: Int", f"$t{b}: Time"]
+        inner = []
+        for name in conns:
+            args = [f"updatedAfter: $t{b}", f"first: {PAGE_SIZE}"]
+            if name == "children":
+                args.insert(1, 'source: "parent_pipeline"')
+            if follow:
+                args.append("after: $after")
+            inner.append(f"{name}: pipelines({', '.join(args)}) {{ pageInfo {{ hasNextPage endCursor }} "
+                         f"nodes {{ {NODE_FIELDS} }} }}")
+        parts.append(f"b{b}: projects(ids: $ids{b}, first: $n{b}) {{ pageInfo {{ hasNextPage endCursor }} "
+                     f"nodes {{ id {' '.join(inner)} }} }}")
+    if follow:
+        variables.append("$after: String")
+    return f"query Detect({', '.join(variables)}) {{ {' '.join(parts)} }}"
+
+
+PROBE_QUERY = ("query Probe { metadata { version } currentUser { username } "
+               "pipelineType: __type(name: \"Pipeline\") { fields { name } } "
+               "projectType: __type(name: \"Project\") { fields { name args { name } } } }")
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def judge_probe(data: Mapping[str, Any] | None, *, want_children: bool) -> Probe:
+    """Whether the probe's answer shows what detection needs. The version gate is on what GitLab shows:
+    ``metadata.version`` for child listing (17.0+), the introspected fields and arguments for the rest."""
+    if not isinstance(data, Mapping):
+        return Probe(False, "the probe's answer has no data")
+    if not data.get("currentUser"):
+        return Probe(False, "GitLab's GraphQL API does not recognise the token (currentUser is null)")
+    version = (data.get("metadata") or {}).get("version") if isinstance(data.get("metadata"), Mapping) else None
+    pipeline_fields = {f.get("name") for f in ((data.get("pipelineType") or {}).get("fields") or [])
+                       if isinstance(f, Mapping)}
+    project_fields = {f.get("name"): {a.get("name") for a in (f.get("args") or []) if isinstance(a, Mapping)}
+                      for f in ((data.get("projectType") or {}).get("fields") or []) if isinstance(f, Mapping)}
+    missing = sorted({"id", "iid", "status", "updatedAt", "user", "commit"} - pipeline_fields)
+    if missing:
+        return Probe(False, f"GitLab {version or '(version unknown)'}: its GraphQL Pipeline type lacks "
+                            f"{', '.join(missing)}", version)
+    args = project_fields.get("pipelines")
+    if args is None or not {"updatedAfter", "source", "first", "after"} <= args:
+        return Probe(False, f"GitLab {version or '(version unknown)'}: Project.pipelines lacks updatedAfter/source "
+                            "arguments", version)
+    release = version_tuple(version)
+    children = release is not None and release >= (17, 0)
+    reason = f"GitLab {version}: GraphQL has every field detection needs"
+    if want_children and not children:
+        reason += "; but child pipelines cannot be listed with GraphQL before GitLab 17.0"
+    return Probe(True, reason, version, children)
+
+
+@dataclass(frozen=True)
+class ApiChoice:
+    """How changes are found, and why. ``problem``: what an operator must know (GITLAB_API=graphql that cannot be
+    honoured, or child pipelines that are not listed); ``children``: GraphQL lists child pipelines."""
+
+    mode: str  # "rest" | "graphql"
+    reason: str
+    children: bool = False
+    problem: str | None = None
+
+
+def decide_api(wanted: str, probe: Probe | None, *, children: bool) -> ApiChoice:
+    """GITLAB_API (``auto``/``rest``/``graphql``) and what the probe showed → REST or GraphQL detection.
+
+    ``auto`` takes GraphQL only when the probe shows every field detection needs, and REST when child pipelines are
+    wanted (POLL_CHILD_PIPELINES) but GitLab cannot list them through GraphQL (before 17.0): nothing is left out to
+    save requests. ``graphql`` takes GraphQL whenever it works, saying that child pipelines are then not listed;
+    when GraphQL does not work at all it falls back to REST (polling with REST beats not polling) and says so."""
+    if wanted == "rest" or probe is None:
+        return ApiChoice("rest", "GITLAB_API=rest")
+    if not probe.usable:
+        reason = f"GraphQL cannot be used: {probe.reason}"
+        return ApiChoice("rest", reason, problem=f"GITLAB_API=graphql, but {reason}" if wanted == "graphql" else None)
+    if children and not probe.children:
+        if wanted == "graphql":
+            return ApiChoice("graphql", f"{probe.reason} (GITLAB_API=graphql)", children=False,
+                             problem=f"GitLab {probe.version}: child pipelines cannot be listed through GraphQL before "
+                                     "GitLab 17.0, so they are not shipped; GITLAB_API=auto or rest ships them")
+        return ApiChoice("rest", f"{probe.reason}; REST lists them (POLL_CHILD_PIPELINES=false would let GraphQL "
+                                 "detect changes, without child pipelines)")
+    return ApiChoice("graphql", probe.reason, children=children)
+
+
+class GraphQLDetector:
+    """Finds the pipelines updated since each project's window start, many projects per request.
+
+    Thread-safe for :meth:`email_of` (read by the pipeline workers); :meth:`detect` runs on one thread."""
+
+    def __init__(self, source: "GitLabSource", *, children: bool, clock: Callable[[], datetime],
+                 batch: int = START_BATCH, max_complexity: int = MAX_COMPLEXITY,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.children = children
+        self.clock = clock
+        self.monotonic = monotonic
+        self.batch = batch
+        self.max_complexity = max_complexity
+        self.scale = 1.0  # GitLab's complexity / ours, learnt from a complexity error
+        self.url = f"{source.url}/api/graphql"
+        self.requests = 0  # POSTs sent (tests and the benchmark read it)
+        self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
+        self._emails: dict[int, tuple[str | None, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"GraphQLDetector(url={self.url!r}, batch={self.batch})"
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def post(self, query: str, variables: Mapping[str, Any] | None, what: str) -> tuple[dict[str, Any], datetime | None]:
+        """One POST; the decoded answer and GitLab's Date. HTTP errors and unreadable answers raise
+        GitLabSourceError (404: GraphQLUnusable: GitLab without the GraphQL API)."""
+        body: dict[str, Any] = {"query": query}
+        if variables:
+            body["variables"] = dict(variables)
+
+        def send() -> Any:
+            # One retry of a transient error here; a batch that keeps failing is split by the caller instead of
+            # being retried ten times with growing sleeps as python-gitlab would.
+            return self.source.gl.http_request("post", self.url, post_data=body, max_retries=1, timeout=REQUEST_TIMEOUT)
+
+        self.requests += 1
+        try:
+            response = self.source._call(what, send)
+        except GitLabSourceError as exc:
+            if exc.status == 404:
+                raise GraphQLUnusable(f"{what}: GitLab has no GraphQL API at /api/graphql (404)", status=404) from exc
+            raise
+        try:
+            data = response.json()
+        except ValueError:
+            raise GitLabSourceError(f"{what}: GitLab's GraphQL answer is not JSON") from None
+        if not isinstance(data, dict):
+            raise GitLabSourceError(f"{what}: GitLab's GraphQL answer is {type(data).__name__}, not an object")
+        return data, _date_header(response)
+
+    def probe(self) -> Probe:
+        """Ask ``/api/graphql`` whether it can serve detection (``GITLAB_API=auto`` and ``check``)."""
+        try:
+            data, _ = self.post(PROBE_QUERY, None, "GraphQL probe")
+        except GraphQLUnusable as exc:
+            return Probe(False, str(exc))
+        errors = _messages(data.get("errors"))
+        if errors and not data.get("data"):
+            return Probe(False, f"GraphQL probe refused: {errors[0]}")
+        return judge_probe(data.get("data"), want_children=self.children)
+
+    # -- detection -------------------------------------------------------------------------------
+
+    def email_of(self, pipeline_id: int) -> tuple[str | None, str | None] | None:
+        """(user's public e-mail, commit author's e-mail) of a pipeline the latest detection found, else None."""
+        with self._lock:
+            return self._emails.get(pipeline_id)
+
+    def detect(self, wanted: Iterable[tuple[int, datetime]], stop: threading.Event | None = None) -> dict[int, Detected]:
+        """Every pipeline updated since each project's window start. ``wanted``: (project id, window start).
+
+        Projects with close window starts share a block (its ``updatedAfter`` is the earliest of them; rows before a
+        project's own start are dropped). A batch that times out, answers 5xx or exceeds the complexity limit is
+        split and sent again; a GraphQL error names the projects it costs (``error``), and only those wait for the
+        next cycle. Raises GraphQLUnusable when GitLab cannot serve the query at all, GitLabSourceError when GitLab
+        cannot be reached or rejects the token (as REST would)."""
+        ordered = sorted(wanted, key=lambda item: item[1])
+        with self._lock:
+            self._emails = {}
+        self.timings = []
+        results: dict[int, Detected] = {}
+        pending = [_Batch(ordered[i : i + self.batch]) for i in range(0, len(ordered), max(1, self.batch))]
+        while pending:
+            if stop is not None and stop.is_set():
+                break
+            batch = pending.pop(0)
+            if len(batch.wanted) > self.max_batch():
+                pending[:0] = batch.split()
+                continue
+            try:
+                results.update(self._send(batch))
+            except _Split as split:
+                if len(batch.wanted) == 1:
+                    project_id, _ = batch.wanted[0]
+                    results[project_id] = Detected(project_id, self.clock(), error=split.reason)
+                    continue
+                self.batch = max(1, len(batch.wanted) // 2)
+                log.info("GraphQL detection: %s; batches of %d projects from now on", split.reason, self.batch)
+                pending[:0] = batch.split()
+        return results
+
+    def max_batch(self) -> int:
+        """The most projects one POST may carry: blocks of 100 while the complexity limit (corrected by what GitLab
+        said) is not passed; at least one project."""
+        def fits(projects: int) -> bool:
+            return self._complexity(projects) * self.scale <= self.max_complexity
+
+        low, high = 1, 10 * BLOCK_MAX
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _complexity(self, projects: int) -> int:
+        sizes = [BLOCK_MAX] * (projects // BLOCK_MAX) + ([projects % BLOCK_MAX] if projects % BLOCK_MAX else [])
+        return complexity(sizes, children=self.children)
+
+    def _send(self, batch: _Batch) -> dict[int, Detected]:
+        blocks = [batch.wanted[i : i + BLOCK_MAX] for i in range(0, len(batch.wanted), BLOCK_MAX)]
+        variables: dict[str, Any] = {}
+        for b, block in enumerate(blocks):
+            variables[f"ids{b}"] = [f"{PROJECT_GID}{project_id}" for project_id, _ in block]
+            variables[f"n{b}"] = len(block)
+            variables[f"t{b}"] = format_ts(min(since for _, since in block))
+        query = detection_query(len(blocks), children=self.children)
+        started = self.clock()
+        began = self.monotonic()
+        what = f"GraphQL detection for {len(batch.wanted)} project(s)"
+        try:
+            data, date = self.post(query, variables, what)
+        except GraphQLUnusable:
+            raise
+        except GitLabSourceError as exc:
+            if exc.status in (401, 403):
+                raise
+            raise _Split(str(exc)) from exc
+        elapsed = self.monotonic() - began
+        self.timings.append((len(batch.wanted), elapsed))
+        errors = data.get("errors")
+        if errors:
+            try:
+                self._raise_for_query_errors(_messages(errors), what)
+            except _Split as split:
+                if split.actual is not None:  # GitLab counts differently from us: scale our estimates to its count
+                    self.scale = max(self.scale, split.actual / max(1, self._complexity(len(batch.wanted))))
+                raise
+        answer = data.get("data") if isinstance(data.get("data"), dict) else {}
+        results: dict[int, Detected] = {}
+        failed = _failed_aliases(errors)
+        for b, block in enumerate(blocks):
+            alias = f"b{b}"
+            if alias in failed or not isinstance(answer.get(alias), dict):
+                reason = failed.get(alias) or "GitLab's GraphQL answer has no data for this block"
+                for project_id, _ in block:
+                    results[project_id] = Detected(project_id, started, error=f"{what}: {reason}; will retry next cycle")
+                continue
+            results.update(self._read_block(answer[alias], block, started, date, what))
+        self._adapt(len(batch.wanted), elapsed)
+        return results
+
+    def _raise_for_query_errors(self, messages: list[str], what: str) -> None:
+        """Errors that concern the whole query: too complex / too large / timed out → split; invalid → unusable."""
+        for message in messages:
+            match = _COMPLEXITY_RE.search(message)
+            if match:
+                actual, limit = int(match.group(1)), int(match.group(2))
+                self.max_complexity = min(self.max_complexity, limit)
+                raise _Split(f"GitLab counted complexity {actual} over its limit of {limit}", actual=actual)
+            lowered = message.lower()
+            if "query too large" in lowered or "too many characters" in lowered or "timeout" in lowered \
+                    or "timed out" in lowered:
+                raise _Split(f"GitLab refused the query: {message[:200]}")
+            if "doesn't exist on type" in lowered or "doesn't accept argument" in lowered or "is not defined" in lowered:
+                raise GraphQLUnusable(f"{what}: GitLab's GraphQL schema refuses the detection query: {message[:200]}")
+
+    def _adapt(self, projects: int, elapsed: float) -> None:
+        if elapsed > SLOW and projects > 1:
+            self.batch = max(1, projects // 2)
+            log.info("GraphQL detection: %d projects took %.1f s; batches of %d projects from now on",
+                     projects, elapsed, self.batch)
+        elif elapsed < QUICK and projects >= self.batch:
+            grown = min(self.batch * 2, self.max_batch())
+            if grown > self.batch:
+                log.debug("GraphQL detection: %d projects in %.1f s; batches of %d from now on", projects, elapsed, grown)
+                self.batch = grown
+
+    def _read_block(self, block: dict[str, Any], wanted: list[tuple[int, datetime]], started: datetime,
+                    date: datetime | None, what: str) -> dict[int, Detected]:
+        since_of = dict(wanted)
+        results: dict[int, Detected] = {}
+        for node in _list(block.get("nodes"), f"{what}: projects"):
+            project_id = _gid(node.get("id"), PROJECT_GID, f"{what}: project id")
+            if project_id not in since_of:
+                continue  # GitLab answered for a project we did not ask about: ignored
+            listing = Listing(gitlab_now=date)
+            listing.requests = 0
+            for name in (CONNECTIONS if self.children else CONNECTIONS[:1]):
+                connection = node.get(name)
+                if not isinstance(connection, dict):
+                    raise GitLabSourceError(f"{what}: project {project_id} has no {name!r} connection in the answer")
+                self._add_rows(listing, connection, since_of[project_id], date, f"{what}: project {project_id}")
+                self._follow(listing, project_id, name, connection, since_of[project_id])
+            results[project_id] = Detected(project_id, started, listing)
+        for project_id, _ in wanted:
+            results.setdefault(project_id, Detected(project_id, started, missing=True))
+        return results
+
+    def _follow(self, listing: Listing, project_id: int, name: str, connection: dict[str, Any], since: datetime) -> None:
+        """The further pages of one project's connection (a project with more than 100 rows in its window)."""
+        what = f"GraphQL detection: project {project_id}, page after page"
+        query = detection_query(1, children=self.children, follow=name)
+        for _ in range(MAX_FOLLOW_PAGES):
+            info = connection.get("pageInfo") if isinstance(connection.get("pageInfo"), dict) else {}
+            if not info.get("hasNextPage"):
+                return
+            cursor = info.get("endCursor")
+            if not isinstance(cursor, str):
+                raise GitLabSourceError(f"{what}: hasNextPage without an endCursor")
+            data, date = self.post(query, {"ids0": [f"{PROJECT_GID}{project_id}"], "n0": 1, "t0": format_ts(since),
+                                           "after": cursor}, what)
+            listing.requests += 1
+            messages = _messages(data.get("errors"))
+            if messages:
+                raise GitLabSourceError(f"{what}: {messages[0][:200]}")
+            nodes = _list((((data.get("data") or {}).get("b0") or {}).get("nodes")), what)
+            if not nodes:
+                raise GitLabSourceError(f"{what}: the project is gone from the answer while its pipelines were paged")
+            connection = nodes[0].get(name) if isinstance(nodes[0].get(name), dict) else {}
+            self._add_rows(listing, connection, since, date, what)
+        raise GitLabSourceError(f"{what}: more than {MAX_FOLLOW_PAGES} pages in one cycle")
+
+    def _add_rows(self, listing: Listing, connection: dict[str, Any], since: datetime, date: datetime | None,
+                  what: str) -> None:
+        floor = since.replace(microsecond=0)  # GraphQL's times have whole seconds
+        for node in _list(connection.get("nodes"), f"{what}: pipelines"):
+            row = _row(node, what)
+            updated = parse_ts(row["updated_at"])
+            if updated < floor:
+                continue  # listed for a block-mate with an earlier window start
+            listing.add(row)
+            if date is not None and updated > date + FUTURE_TOLERANCE:
+                listing.future.append((int(row["id"]), str(row["updated_at"]), format_ts(date)))
+            user = node.get("user") if isinstance(node.get("user"), dict) else {}
+            commit = node.get("commit") if isinstance(node.get("commit"), dict) else {}
+            with self._lock:
+                self._emails[int(row["id"])] = (_text(user.get("publicEmail")), _text(commit.get("authorEmail")))
+
+
+class _Split(Exception):
+    """This batch must be sent in smaller pieces."""
+
+    def __init__(self, reason: str, actual: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.actual = actual
+
+
+def _messages(errors: Any) -> list[str]:
+    if not isinstance(errors, list):
+        return []
+    return [str(e.get("message")) if isinstance(e, dict) else str(e) for e in errors]
+
+
+def _failed_aliases(errors: Any) -> dict[str, str]:
+    """alias → message, for errors whose path names one of our blocks."""
+    failed: dict[str, str] = {}
+    for error in errors if isinstance(errors, list) else []:
+        if isinstance(error, dict) and isinstance(error.get("path"), list) and error["path"]:
+            failed.setdefault(str(error["path"][0]), str(error.get("message"))[:200])
+    return failed
+
+
+def _list(value: Any, what: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise GitLabSourceError(f"{what}: unexpected answer from GitLab (nodes is {type(value).__name__})")
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _gid(value: Any, prefix: str, what: str) -> int:
+    if isinstance(value, str) and value.startswith(prefix) and value[len(prefix):].isdigit():
+        return int(value[len(prefix):])
+    raise GitLabSourceError(f"{what}: unexpected answer from GitLab (not a {prefix}N id: {str(value)[:60]!r})")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _row(node: dict[str, Any], what: str) -> dict[str, Any]:
+    """A GraphQL pipeline node as the REST list row the shipper knows: id, iid, status (REST's lower case),
+    updated_at (as GitLab wrote it: whole seconds)."""
+    pipeline_id = _gid(node.get("id"), PIPELINE_GID, f"{what}: pipeline id")
+    status, updated = node.get("status"), node.get("updatedAt")
+    if not isinstance(status, str) or not isinstance(updated, str):
+        raise GitLabSourceError(f"{what}: pipeline {pipeline_id} without status or updatedAt")
+    try:
+        parse_ts(updated)
+    except ValueError:
+        raise GitLabSourceError(f"{what}: pipeline {pipeline_id} has no valid updatedAt ({updated[:40]!r})") from None
+    return {"id": pipeline_id, "iid": node.get("iid"), "status": status.lower(), "updated_at": updated}
+
+
+__all__ = ["ApiChoice", "decide_api", "Detected", "GraphQLDetector", "GraphQLUnusable", "Probe", "complexity", "detection_query", "judge_probe"]
