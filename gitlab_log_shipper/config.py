@@ -118,6 +118,7 @@ class Config:
     job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
     document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
     gitlab_api: str = "auto"  # GITLAB_API: auto (GraphQL detection when GitLab offers it) | rest | graphql
+    gitlab_request_budget: float = 2000.0  # GITLAB_REQUEST_BUDGET: GitLab requests a minute; detection uses <= 10 %
 
     @property
     def effective_poll_interval_graphql(self) -> float:
@@ -525,6 +526,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
         gitlab_api=opt("GITLAB_API", "auto", lambda n, r: _choice(n, r, ("auto", "rest", "graphql"))),
+        gitlab_request_budget=opt("GITLAB_REQUEST_BUDGET", "2000", lambda n, r: _number(n, r, minimum=10, maximum=10**7)),
     )
 
 

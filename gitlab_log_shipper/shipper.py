@@ -87,6 +87,7 @@ REQUEST_LOG_FAILURES = "request_log_write_failures"  # api-requests.log lines th
 GRAPHQL_FALLBACKS = "graphql_fallbacks"  # GraphQL detection failed as a whole this cycle: REST listed every project
 REST_LISTED = "rest_listed_projects"  # GraphQL mode: projects listed through REST (absent from GraphQL's answer)
 GRAPHQL_REPROBE = 3600.0  # after a fallback at run time, GraphQL is probed again this many seconds later
+DETECTION_SHARE = 0.10  # of GITLAB_REQUEST_BUDGET, the most that GraphQL detection may use (the rest ships)
 HANDED_OFF = frozenset({SHIPPED, QUEUED_OUTCOME, DEAD_LETTERED})  # durably somewhere
 TRY_AGAIN = frozenset({FAILED, CHANGED})  # kept in the retry list (state.retries) until shipped or gone
 # A pipeline that keeps failing is tried again at the next two cycles, then after POLL_INTERVAL, twice as long each
@@ -231,10 +232,13 @@ class Shipper:
 
     @property
     def poll_interval(self) -> float:
-        """Seconds between two cycles: POLL_INTERVAL, whose default is shorter with GraphQL detection."""
-        if self.api_mode == "graphql":
-            return self.config.effective_poll_interval_graphql
-        return self.config.poll_interval
+        """Seconds between two cycles: POLL_INTERVAL, whose default is shorter with GraphQL detection. With GraphQL,
+        stretched when the last detection's requests at that pace would pass DETECTION_SHARE of
+        GITLAB_REQUEST_BUDGET (a minute's requests): polling often must not eat the budget that shipping needs."""
+        if self.api_mode != "graphql":
+            return self.config.poll_interval
+        planned = self.detector.last_requests * 60.0 / (DETECTION_SHARE * self.config.gitlab_request_budget)
+        return max(self.config.effective_poll_interval_graphql, planned)
 
     # -- how changes are found (GITLAB_API) ------------------------------------------------------
 

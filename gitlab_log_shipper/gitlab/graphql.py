@@ -231,6 +231,7 @@ class GraphQLDetector:
         self.scale = 1.0  # GitLab's complexity / ours, learnt from a complexity error
         self.url = f"{source.url}/api/graphql"
         self.requests = 0  # POSTs sent (tests and the benchmark read it)
+        self.last_requests = 0  # POSTs of the latest detect(), follow-up pages included (the cycle plan reads it)
         self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
         self._emails: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
@@ -294,6 +295,7 @@ class GraphQLDetector:
         next cycle. Raises GraphQLUnusable when GitLab cannot serve the query at all, GitLabSourceError when GitLab
         cannot be reached or rejects the token (as REST would)."""
         ordered = sorted(wanted, key=lambda item: item[1])
+        before = self.requests
         with self._lock:
             self._emails = {}
         self.timings = []
@@ -316,6 +318,7 @@ class GraphQLDetector:
                 self.batch = max(1, len(batch.wanted) // 2)
                 log.info("GraphQL detection: %s; batches of %d projects from now on", split.reason, self.batch)
                 pending[:0] = batch.split()
+        self.last_requests = self.requests - before
         return results
 
     def max_batch(self) -> int:

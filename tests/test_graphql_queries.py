@@ -1,0 +1,111 @@
+"""The GraphQL detection's queries and decisions, checked without a server: every query the detector can build is
+valid for a real GitLab (its own SDL, GitLab 16.x, in ../shared/gitlab-samples/graphql/), fits GitLab's limits,
+and GITLAB_API's choice follows what the probe shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gitlab_log_shipper.gitlab.graphql import (
+    BLOCK_MAX, MAX_COMPLEXITY, MAX_QUERY_CHARS, PROBE_QUERY, Probe, complexity, decide_api, detection_query,
+    judge_probe,
+)
+
+graphql = pytest.importorskip("graphql")  # graphql-core: a test extra
+
+GITLAB_SDL = Path(__file__).resolve().parents[1].parent / "shared" / "gitlab-samples" / "graphql" / "gitlab_schema_16.graphql"
+
+
+@pytest.fixture(scope="module")
+def gitlab_schema() -> "graphql.GraphQLSchema":
+    if not GITLAB_SDL.exists():
+        pytest.skip(f"GitLab's SDL is not at {GITLAB_SDL}")
+    return graphql.build_schema(GITLAB_SDL.read_text("utf-8"), assume_valid=True)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("children", [True, False])
+def test_detection_queries_are_valid_for_gitlab(gitlab_schema: "graphql.GraphQLSchema", blocks: int, children: bool) -> None:
+    query = detection_query(blocks, children=children)
+    assert graphql.validate(gitlab_schema, graphql.parse(query)) == []
+    assert len(query) < MAX_QUERY_CHARS
+
+
+@pytest.mark.parametrize("follow", ["all", "children"])
+def test_follow_up_page_queries_are_valid_for_gitlab(gitlab_schema: "graphql.GraphQLSchema", follow: str) -> None:
+    query = detection_query(1, children=True, follow=follow)
+    assert graphql.validate(gitlab_schema, graphql.parse(query)) == []
+    assert query.count("pipelines(") == 1 and "after: $after" in query
+
+
+def test_probe_is_valid_for_gitlab(gitlab_schema: "graphql.GraphQLSchema") -> None:
+    assert graphql.validate(gitlab_schema, graphql.parse(PROBE_QUERY)) == []
+
+
+def test_complexity_follows_gitlabs_formula() -> None:
+    # base_field.rb: a connection costs (child + 1) * (1 + 0.01 * limit). Pipelines: pageInfo (3) + nodes (1 + 8
+    # fields) = 12 children -> 13 * 2 = 26; a project: nodes + id + two connections = 54; a block of 100 projects:
+    # (pageInfo 3 + 54 + 1) * 2 = 116.
+    assert complexity([100], children=True) == 116
+    assert complexity([100, 100], children=True) == 232
+    assert complexity([50], children=True) == int(58 * 1.5)
+    assert complexity([100], children=False) == (3 + 28 + 1) * 2
+
+
+def test_detection_queries_of_the_largest_batch_fit_gitlabs_limits() -> None:
+    from gitlab_log_shipper.gitlab.graphql import GraphQLDetector
+
+    detector = GraphQLDetector.__new__(GraphQLDetector)  # max_batch needs no server
+    detector.children, detector.scale, detector.max_complexity = True, 1.0, MAX_COMPLEXITY
+    most = detector.max_batch()
+    assert most == 2 * BLOCK_MAX  # two full blocks: 232; three would be 348
+    blocks = -(-most // BLOCK_MAX)
+    assert complexity([BLOCK_MAX] * blocks, children=True) <= MAX_COMPLEXITY
+    assert len(detection_query(blocks, children=True)) < MAX_QUERY_CHARS
+    detector.scale = 1.5  # GitLab said it counts more than we do: fewer projects per POST
+    assert detector.max_batch() < most
+    assert complexity([detector.max_batch()], children=True) * 1.5 <= MAX_COMPLEXITY
+
+
+def _probe_answer(version: str | None = "17.5.0", *, pipeline_fields=("id", "iid", "status", "updatedAt", "user", "commit"),
+                  pipelines_args=("updatedAfter", "source", "first", "after"), user: bool = True) -> dict:
+    return {
+        "metadata": {"version": version},
+        "currentUser": {"username": "bot"} if user else None,
+        "pipelineType": {"fields": [{"name": n} for n in pipeline_fields]},
+        "projectType": {"fields": [{"name": "pipelines", "args": [{"name": a} for a in pipelines_args]}]},
+    }
+
+
+def test_the_probe_gates_on_what_gitlab_shows() -> None:
+    assert judge_probe(_probe_answer(), want_children=True) == Probe(
+        True, "GitLab 17.5.0: GraphQL has every field detection needs", "17.5.0", True)
+    old = judge_probe(_probe_answer("16.11.3-ee"), want_children=True)
+    assert old.usable and not old.children and "before GitLab 17.0" in old.reason
+    assert not judge_probe(_probe_answer(pipeline_fields=("id", "status")), want_children=True).usable
+    assert not judge_probe(_probe_answer(pipelines_args=("first",)), want_children=True).usable
+    assert "token" in judge_probe(_probe_answer(user=False), want_children=True).reason
+    assert not judge_probe(None, want_children=True).usable
+    unknown = judge_probe(_probe_answer(None), want_children=True)
+    assert unknown.usable and not unknown.children  # no version shown: child listing is not assumed
+
+
+def test_gitlab_api_choice() -> None:
+    new = judge_probe(_probe_answer(), want_children=True)
+    old = judge_probe(_probe_answer("16.11.0"), want_children=True)
+    broken = Probe(False, "GitLab has no GraphQL API at /api/graphql (404)")
+    assert decide_api("rest", new, children=True).mode == "rest"
+    assert decide_api("auto", new, children=True) == decide_api("graphql", new, children=True)
+    assert decide_api("auto", new, children=True).children
+    # auto never leaves child pipelines out to save requests: REST lists them on a GitLab before 17.0
+    auto_old = decide_api("auto", old, children=True)
+    assert auto_old.mode == "rest" and auto_old.problem is None and "POLL_CHILD_PIPELINES=false" in auto_old.reason
+    assert decide_api("auto", old, children=False).mode == "graphql"
+    forced_old = decide_api("graphql", old, children=True)
+    assert forced_old.mode == "graphql" and not forced_old.children and "not shipped" in (forced_old.problem or "")
+    assert decide_api("auto", broken, children=True).mode == "rest"
+    assert decide_api("auto", broken, children=True).problem is None
+    forced_broken = decide_api("graphql", broken, children=True)
+    assert forced_broken.mode == "rest" and "GITLAB_API=graphql, but" in (forced_broken.problem or "")
