@@ -475,8 +475,8 @@ class StateStore:
     ) -> None:
         """One transaction: the finish counts as shipped, (optionally) the list row as handled and the delivery's
         latency as measured."""
-        self._write([*self._shipped_statements(project_id, pipeline_id, finish, idempotency_key, outcome, now, list_row),
-                     *_latency_statements(latency)])
+        shipped = self._shipped_statements(project_id, pipeline_id, finish, idempotency_key, outcome, now, list_row)
+        self._write([*shipped, *_latency_statements(latency)])
 
     def _shipped_statements(self, project_id: int, pipeline_id: int, finish: str, idempotency_key: str, outcome: str,
                             now: datetime, list_row: tuple[str, str] | None) -> list[tuple[str, tuple]]:

@@ -244,3 +244,20 @@ def test_file_mode_measures_nothing(tmp_path: Path, world: World, gitlab_sim: Gi
     assert not any(name.startswith("gitlab_log_shipper_delivery_latency") for name in samples)  # absent, not 0
     assert json.loads(env.invoke("status", "--json").output)["latency"] is None
     assert "latency:       not measured in file mode" in env.invoke("status").output
+
+
+@pytest.mark.parametrize("broken", [
+    [('le="1.0"', 2), ('le="2.0"', 1), ('le="+Inf"', 2)],  # not cumulative
+    [('le="1.0"', 1), ('le="2.0"', 2)],  # no +Inf bucket
+    [('le="2.0"', 1), ('le="1.0"', 1), ('le="+Inf"', 1)],  # out of order
+    [('le="1.0"', 1), ('le="+Inf"', 3)],  # +Inf differs from _count (2)
+])
+def test_the_textfile_check_rejects_a_broken_histogram(broken: list[tuple[str, int]]) -> None:
+    """The check the textfile tests rely on can fail: each rule of a Prometheus histogram is enforced."""
+    lines = [f"# TYPE {HISTOGRAM} histogram"]
+    lines += [f"{HISTOGRAM}_bucket{{{le}}} {n}" for le, n in broken]
+    lines += [f"{HISTOGRAM}_sum 3.0", f"{HISTOGRAM}_count 2"]
+    with pytest.raises(AssertionError):
+        parse("\n".join(lines) + "\n")
+    parse("\n".join([f"# TYPE {HISTOGRAM} histogram", f'{HISTOGRAM}_bucket{{le="1.0"}} 1',
+                     f'{HISTOGRAM}_bucket{{le="+Inf"}} 2', f"{HISTOGRAM}_sum 3.0", f"{HISTOGRAM}_count 2"]) + "\n")
