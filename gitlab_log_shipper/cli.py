@@ -80,6 +80,13 @@ def _shipper(config: Config, **options: Any) -> Iterator[Shipper]:
         shipper.close()
 
 
+def _untimed(shipper: Shipper) -> None:
+    """``backfill`` and ``post`` ship history or an operator's resend: their documents are not measured as finish ->
+    delivered latency (it would be the age of the window, or the operator's reaction; see latency.py)."""
+    if shipper.delivery is not None:
+        shipper.delivery.measure_new = False
+
+
 @contextmanager
 def _locked(config: Config) -> Iterator[None]:
     """Hold STATE_DIR's instance lock (a second daemon exits 2)."""
@@ -214,6 +221,8 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
         raise click.BadParameter("--since is after --until", param_hint="--since")
     config, options = _dry_run(ctx, dry_run, show_document)
     with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+        _untimed(shipper)
+
         def work() -> int:
             projects = shipper.resolve_projects(project_refs) if project_refs else shipper.projects()
             click.echo(f"backfill {since.isoformat()} .. {until.isoformat()} over {len(projects)} project(s)"
@@ -239,6 +248,8 @@ def post(ctx: click.Context, pipeline_id: int, project_ref: str | None, dry_run:
     """Ship one pipeline now, even if it was shipped before (same Idempotency-Key as before)."""
     config, options = _dry_run(ctx, dry_run, show_document)
     with StopSignals() as signals, _shipper(config, stop=signals.stop, **options) as shipper:
+        _untimed(shipper)
+
         def work() -> int:
             result = shipper.post_pipeline(pipeline_id, project_ref)
             single = CycleReport()

@@ -21,6 +21,11 @@
 * **Limits**: above ``OUTBOX_MAX_BYTES`` the shipper stops taking new pipelines (they stay in GitLab and
   the cursor waits) and says so at ERROR level every cycle; nothing is dropped.
 
+Latency (:mod:`latency`): each 2xx is timed against the pipeline's rest time (``DocumentInfo.rest_at``), which
+travels with a queued document (``outbox_rest``) and with a dead letter (its ``.meta.json``), so that the
+delivery users waited for is measured however the document got there; the sample is written in the transaction
+that records the delivery.
+
 Crash safety: a document file is fsynced and renamed into the outbox before the transaction that records
 it; a crash in between leaves an orphan file that :meth:`Delivery.reconcile` removes at start (its
 pipeline was not recorded, so it is shipped again). A crash between a 2xx and the state update re-sends
@@ -35,13 +40,14 @@ import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
 from .fileout import atomic_write, fsync_dir
+from .latency import DIRECT, OUTBOX, REDELIVERED, Sample, SkewReporter, measure
 from .poster import DELIVERED, REJECTED, ApiPoster, PostResult
 from .state import OutboxEntry, StateStore
 from .timeutil import format_ts, parse_ts
@@ -65,6 +71,9 @@ class DocumentInfo:
     pipeline_id: int
     finish: str
     idempotency_key: str
+    # When the pipeline came to rest by GitLab's clock (latency.rest_time: finished_at, updated_at for skipped and
+    # manual pipelines); the start of its finish -> delivered latency. None: not measured.
+    rest_at: str | None = None
 
 
 class Delivery:
@@ -94,6 +103,10 @@ class Delivery:
         # for hours), True it accepts documents, False it is down (probed again at backoff_until).
         self.receiver_up: bool | None = None
         self._catch_up = False  # it came back: every queued document is due, whatever its own backoff
+        # New documents (send) are timed from their rest time to the receiver's 2xx; backfill and post switch this
+        # off (their latency would be the age of the window, or an operator's reaction: see latency.py).
+        self.measure_new = True
+        self.skew = SkewReporter()  # clock skew logged once per poll cycle (drain starts each cycle)
         self._lock = threading.Lock()  # the health above and drain's counts; documents are sent concurrently
 
     # -- receiver health ------------------------------------------------------------------------
@@ -150,6 +163,12 @@ class Delivery:
         if was is False:
             log.info("receiver accepts documents again; every document in the outbox is due now")
 
+    def _latency(self, rest_at: str | None, path: str, pipeline_id: int, project_id: int) -> Sample | None:
+        """The latency of a document the receiver just accepted (now, by our clock); skew is reported."""
+        sample = measure(rest_at, self.clock(), path)
+        self.skew.note(sample, pipeline_id, project_id)
+        return sample
+
     # -- handing over a new document ------------------------------------------------------------
 
     def send(self, document: Path, info: DocumentInfo, list_row: tuple[str, str] | None) -> tuple[str, PostResult | None]:
@@ -159,15 +178,18 @@ class Delivery:
         into the outbox or dead-letter folder when it has to stay.
         """
         now = self.clock()
+        if not self.measure_new:
+            info = replace(info, rest_at=None)  # nor later, from the outbox or as a dead letter
         if self.backing_off():
             self._enqueue(document, info, list_row, None)
             return QUEUED, None
         result = self.poster.post_file(document, pipeline_id=info.pipeline_id, project_id=info.project_id,
                                        idempotency_key=info.idempotency_key)
         if result.verdict == DELIVERED:
+            latency = self._latency(info.rest_at, DIRECT, info.pipeline_id, info.project_id)
             self._recovered()
             self.state.record_shipped(info.project_id, info.pipeline_id, info.finish, info.idempotency_key,
-                                      SENT, now, list_row)
+                                      SENT, now, list_row, latency=latency)
             return SENT, result
         if result.verdict == REJECTED:
             self._dead_letter(document, info, result, reason="rejected by the receiver")
@@ -194,7 +216,7 @@ class Delivery:
         entry = OutboxEntry(info.idempotency_key, info.project_id, info.pipeline_id, info.finish, name, size,
                             format_ts(now), 0 if result is None else 1,
                             None if result is None else result.status, None if result is None else _reason(result),
-                            format_ts(next_attempt))
+                            format_ts(next_attempt), info.rest_at)
         self.state.enqueue(entry, self.clock(), list_row)
         log.info("pipeline %s (project %s): kept in the outbox (%d bytes)", info.pipeline_id, info.project_id, size)
 
@@ -206,7 +228,11 @@ class Delivery:
         one cycle). A document that fails again waits longer (its own backoff) without holding the others
         back. While the receiver is down, or not heard from yet by this process, one document goes first as
         a probe; once one is accepted after an outage, every queued document is due, whatever its backoff.
-        Returns how many were delivered, dead-lettered and left waiting after a failed attempt."""
+        Returns how many were delivered, dead-lettered and left waiting after a failed attempt.
+
+        Called once at the start of every poll cycle, which is also where the once-per-cycle report of clock
+        skew starts over."""
+        self.skew.new_cycle()
         counts = {SENT: 0, DEAD_LETTER: 0, QUEUED: 0}
         self.expire()
         if self.backing_off():
@@ -268,14 +294,15 @@ class Delivery:
         result = self.poster.post_file(path, pipeline_id=entry.pipeline_id, project_id=entry.project_id,
                                        idempotency_key=entry.idempotency_key)
         if result.verdict == DELIVERED:
+            latency = self._latency(entry.rest_at, OUTBOX, entry.pipeline_id, entry.project_id)
             self._recovered()
-            self.state.outbox_done(entry, SENT, self.clock())
+            self.state.outbox_done(entry, SENT, self.clock(), latency=latency)
             path.unlink(missing_ok=True)
             outcome = SENT
             log.info("pipeline %s (project %s): delivered from the outbox after %d earlier attempt(s)",
                      entry.pipeline_id, entry.project_id, entry.attempts)
         elif result.verdict == REJECTED:
-            info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
+            info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key, entry.rest_at)
             self._dead_letter(path, info, result, reason="rejected by the receiver")
             self.state.outbox_done(entry, DEAD_LETTER, self.clock())
             outcome = DEAD_LETTER
@@ -297,7 +324,8 @@ class Delivery:
                 break  # oldest first: the rest are younger
             path = self.outbox_dir / entry.file
             if path.is_file():
-                info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key)
+                info = DocumentInfo(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key,
+                                    entry.rest_at)
                 failure = PostResult(entry.last_status, 0, "", entry.last_error)
                 self._dead_letter(path, info, failure, reason=f"undelivered for longer than OUTBOX_MAX_AGE "
                                   f"({self.config.outbox_max_age:.0f} s) after {entry.attempts} attempt(s)")
@@ -349,6 +377,7 @@ class Delivery:
             "response": result.response_text[:1000],
             "dead_lettered_at": format_ts(self.clock()),
             "document": target.name,
+            "rest_at": info.rest_at,  # when the pipeline came to rest: redeliver measures its latency from it
         }
         atomic_write(self.dead_letter_dir / f"{stem}.meta.json", json.dumps(meta, indent=2).encode("utf-8"))
         log.error("pipeline %s (project %s): %s (%s); kept in %s — fix the cause, then run "
@@ -380,8 +409,11 @@ class Delivery:
                                            project_id=int(meta["project_id"]), idempotency_key=str(meta["idempotency_key"]))
             results.append((meta, result))
             if result.verdict == DELIVERED:
+                rest_at = meta.get("rest_at")
+                latency = self._latency(rest_at if isinstance(rest_at, str) else None, REDELIVERED,
+                                        int(meta["pipeline_id"]), int(meta["project_id"]))
                 self.state.record_shipped(int(meta["project_id"]), int(meta["pipeline_id"]), str(meta["finish"]),
-                                          str(meta["idempotency_key"]), "redelivered", self.clock())
+                                          str(meta["idempotency_key"]), "redelivered", self.clock(), latency=latency)
                 document.unlink(missing_ok=True)
                 meta_path.unlink(missing_ok=True)
             else:

@@ -5,6 +5,11 @@ rewrite that file after every cycle: written to a temporary file in the same fol
 collector never reads half of it; mode 0644 (node_exporter runs as another user; nothing secret is in it).
 The collector adds ``node_textfile_mtime_seconds{file=...}``: alert on it too, it goes stale when the
 daemon stops writing.
+
+``gitlab_log_shipper_delivery_latency_seconds`` is a histogram (``_bucket{le}``, ``_sum``, ``_count``) of finish ->
+delivered latency (see :mod:`latency`), cumulative since the state store was created: it is kept in the store, so
+a restart does not reset it (a new state store does, which ``rate()`` takes as a counter reset). Absent in
+file-only mode, where nothing is measured.
 """
 
 from __future__ import annotations
@@ -80,9 +85,27 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
     metric("gitlab_rate_limit_remaining", "gauge",
            "GitLab API requests left in the current rate-limit window (RateLimit-Remaining).",
            [("", snapshot["gitlab_rate_limit_remaining"])])
+    out.extend(_latency(snapshot.get("latency")))
     metric("textfile_written_timestamp_seconds", "gauge", "When this file was written (Unix time).",
            [("", round(now.timestamp(), 3))])
     return "\n".join(out) + "\n"
+
+
+def _latency(timed: dict[str, Any] | None) -> list[str]:
+    """The latency histogram and its clamp counter; nothing when not measured (file-only mode)."""
+    if timed is None:
+        return []
+    total = timed["total"]
+    name = f"{PREFIX}_delivery_latency_seconds"
+    lines = [f"# HELP {name} Seconds from a pipeline's finished_at (GitLab's clock; updated_at for skipped and manual "
+             "pipelines) to the receiver's 2xx (this machine's clock): direct, from the outbox, and redelivered.",
+             f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {count}' for le, count in total["buckets"].items()]
+    lines += [f"{name}_sum {total['sum_seconds']!r}", f"{name}_count {total['count']}"]
+    clamped = f"{PREFIX}_delivery_latency_clamped_total"
+    lines += [f"# HELP {clamped} Deliveries whose latency came out negative (GitLab's clock ahead of this machine's) "
+              "and counted as 0.", f"# TYPE {clamped} counter", f"{clamped} {total['clamped']}"]
+    return lines
 
 
 def write_textfile(path: Path, text: str) -> None:

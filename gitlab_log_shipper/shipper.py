@@ -54,6 +54,7 @@ from .payload import (
     write_document,
 )
 from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
+from .latency import rest_time as latency_rest_time
 from .dryrun import ReadOnlyStateStore
 from .poster import ApiPoster
 from .redact import Redactor
@@ -871,7 +872,10 @@ class Shipper:
             document = spool / "document.json"
             with open(document, "wb") as out:
                 write_document(out, header, jobs, design=self.design)
-        info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key)
+        # The start of its finish -> delivered latency: finished_at, or updated_at (list_row's, which every caller
+        # takes from the pipeline GET) for skipped and manual pipelines.
+        rest_at = latency_rest_time(header.get("status"), header.get("finished_at"), list_row[1] if list_row else None)
+        info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key, rest_at)
         outcome, post = self.delivery.send(document, info, list_row)
         result.http_status = post.status if post else None
         result.outcome = {SENT: SHIPPED, QUEUED: QUEUED_OUTCOME, DEAD_LETTER: DEAD_LETTERED}[outcome]

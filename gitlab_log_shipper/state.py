@@ -12,7 +12,10 @@ What is stored:
   seen again in the overlap window without another request — and the finish last shipped
   (``status|finished_at``), which is what makes "each distinct finish is shipped once" true.
 * ``deliveries``: one row per shipped finish (idempotency key, outcome), for ``status`` and audits.
-* ``stats``: running totals by outcome and the last cycle's time, duration and summary (``status``).
+* ``stats``: running totals by outcome and the last cycle's time, duration and summary (``status``), and the
+  finish → delivered latency histogram (``latency.*`` keys, see :mod:`latency`).
+* ``latency_recent``: the newest :data:`~latency.RECENT_CAPACITY` latencies, for ``status``'s p50 / p95 / max;
+  ``outbox_rest``: when each queued document's pipeline came to rest, so that its later delivery is measured.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, TypeVar
 
 from .errors import StateBusy, StateError, StateFull
+from .latency import BUCKET_KEY, CLAMPED_KEY, COUNT_KEY, RECENT_CAPACITY, SUM_MS_KEY, Sample, bucket_of
 from .timeutil import format_ts, parse_ts
 
 SCHEMA_VERSION = 1
@@ -96,6 +100,17 @@ CREATE TABLE IF NOT EXISTS retries (
 -- ahead): such a cursor is checked against the local stamps before it is trusted. A table of its own, so that an
 -- older version (INSERT INTO cursors VALUES (?, ?)) keeps working after a rollback.
 CREATE TABLE IF NOT EXISTS polls (project_id INTEGER PRIMARY KEY, polled_at TEXT NOT NULL);
+-- Finish -> delivered latency (issue 12). Added without a schema version bump, like stats: an older shipper ignores
+-- both tables. latency_recent is a fixed-size table (the oldest rows go as new ones come, see _latency_statements);
+-- outbox_rest is a table of its own rather than a column of outbox, so that an older version's
+-- INSERT INTO outbox VALUES (...) keeps working after a rollback.
+CREATE TABLE IF NOT EXISTS latency_recent (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivered_at TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    path TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_rest (idempotency_key TEXT PRIMARY KEY, rest_at TEXT NOT NULL);
 """
 
 RECOVERY_HINT = (
@@ -153,6 +168,7 @@ class OutboxEntry:
     last_status: int | None
     last_error: str | None
     next_attempt_at: str
+    rest_at: str | None = None  # when its pipeline came to rest (GitLab's time), for its latency; None: not measured
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,27 @@ class RetryEntry:
 
 
 _CLEAR_RETRY = "DELETE FROM retries WHERE project_id=? AND pipeline_id=?"
+# Adds an integer to a stats key (created at the value when absent).
+_ADD_STAT = ("INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+             "value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)")
+_OUTBOX_ROWS = ("SELECT o.*, r.rest_at FROM outbox o LEFT JOIN outbox_rest r ON r.idempotency_key = o.idempotency_key")
+
+
+def _latency_statements(sample: Sample | None) -> list[tuple[str, tuple]]:
+    """A delivery's latency, written in the transaction that records the delivery (a crash never counts it without
+    the delivery, nor twice): its bucket, the count, the sum, a clamp; and a row of ``latency_recent``, whose rows
+    beyond RECENT_CAPACITY go in the same step, so that the table never grows with uptime."""
+    if sample is None:
+        return []
+    counts = [(f"{BUCKET_KEY}{bucket_of(sample.seconds)}", 1), (COUNT_KEY, 1), (SUM_MS_KEY, sample.millis)]
+    if sample.clamped:
+        counts.append((CLAMPED_KEY, 1))
+    return [
+        *((_ADD_STAT, (key, str(n))) for key, n in counts),
+        ("INSERT INTO latency_recent (delivered_at, seconds, path) VALUES (?, ?, ?)",
+         (format_ts(sample.delivered_at), sample.seconds, sample.path)),
+        ("DELETE FROM latency_recent WHERE seq <= (SELECT MAX(seq) FROM latency_recent) - ?", (RECENT_CAPACITY,)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -433,9 +470,13 @@ class StateStore:
         outcome: str,
         now: datetime,
         list_row: tuple[str, str] | None = None,
+        *,
+        latency: Sample | None = None,
     ) -> None:
-        """One transaction: the finish counts as shipped and (optionally) the list row as handled."""
-        self._write(self._shipped_statements(project_id, pipeline_id, finish, idempotency_key, outcome, now, list_row))
+        """One transaction: the finish counts as shipped, (optionally) the list row as handled and the delivery's
+        latency as measured."""
+        shipped = self._shipped_statements(project_id, pipeline_id, finish, idempotency_key, outcome, now, list_row)
+        self._write([*shipped, *_latency_statements(latency)])
 
     def _shipped_statements(self, project_id: int, pipeline_id: int, finish: str, idempotency_key: str, outcome: str,
                             now: datetime, list_row: tuple[str, str] | None) -> list[tuple[str, tuple]]:
@@ -468,14 +509,16 @@ class StateStore:
               entry.queued_at, entry.attempts, entry.last_status, entry.last_error, entry.next_attempt_at)),
             *self._shipped_statements(entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key,
                                       "queued", now, list_row),
+            *([("INSERT OR REPLACE INTO outbox_rest VALUES (?, ?)", (entry.idempotency_key, entry.rest_at))]
+              if entry.rest_at else [("DELETE FROM outbox_rest WHERE idempotency_key=?", (entry.idempotency_key,))]),
         ])
 
     def outbox(self, due_at: datetime | None = None) -> list[OutboxEntry]:
         """Every queued document (or those due for another attempt at ``due_at``), oldest first."""
         if due_at is None:
-            rows = self._query("SELECT * FROM outbox ORDER BY queued_at, rowid")
+            rows = self._query(f"{_OUTBOX_ROWS} ORDER BY o.queued_at, o.rowid")
         else:
-            rows = self._query("SELECT * FROM outbox WHERE next_attempt_at <= ? ORDER BY queued_at, rowid",
+            rows = self._query(f"{_OUTBOX_ROWS} WHERE o.next_attempt_at <= ? ORDER BY o.queued_at, o.rowid",
                                (format_ts(due_at),))
         return [OutboxEntry(*row) for row in rows]
 
@@ -488,13 +531,16 @@ class StateStore:
         self._write([("UPDATE outbox SET attempts=attempts+1, last_status=?, last_error=?, next_attempt_at=? "
                       "WHERE idempotency_key=?", (status, error, format_ts(next_attempt_at), key))])
 
-    def outbox_done(self, entry: OutboxEntry, outcome: str, now: datetime) -> None:
-        """The queued document reached its end (delivered or dead-lettered): drop it from the outbox, log it."""
+    def outbox_done(self, entry: OutboxEntry, outcome: str, now: datetime, *, latency: Sample | None = None) -> None:
+        """The queued document reached its end (delivered or dead-lettered): drop it from the outbox, log it, count
+        its latency when it was delivered and measured."""
         self._write([
             ("DELETE FROM outbox WHERE idempotency_key=?", (entry.idempotency_key,)),
+            ("DELETE FROM outbox_rest WHERE idempotency_key=?", (entry.idempotency_key,)),
             ("INSERT INTO deliveries (project_id, pipeline_id, finish, idempotency_key, outcome, delivered_at) "
              "VALUES (?, ?, ?, ?, ?, ?)",
              (entry.project_id, entry.pipeline_id, entry.finish, entry.idempotency_key, outcome, format_ts(now))),
+            *_latency_statements(latency),
         ])
 
     # -- pipelines to try again ----------------------------------------------------------------
@@ -541,6 +587,8 @@ class StateStore:
             self._write([
                 ("DELETE FROM pipelines WHERE touched_at < ?", (horizon,)),
                 ("DELETE FROM deliveries WHERE delivered_at < ?", (horizon,)),
+                # left behind only by an older version's outbox_done (after a rollback)
+                ("DELETE FROM outbox_rest WHERE idempotency_key NOT IN (SELECT idempotency_key FROM outbox)", ()),
             ])
             return self._db.total_changes - before
 
@@ -556,11 +604,7 @@ class StateStore:
         statements: list[tuple[str, tuple]] = []
         if replace_prefix:
             statements.append(("DELETE FROM stats WHERE substr(key, 1, ?) = ?", (len(replace_prefix), replace_prefix)))
-        statements += [(
-            "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
-            "value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)",
-            (f"count.{name}", str(int(n))),
-        ) for name, n in counts.items() if n]
+        statements += [(_ADD_STAT, (f"count.{name}", str(int(n)))) for name, n in counts.items() if n]
         statements += [("INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                         (key, value)) for key, value in values.items()]
         if statements:
@@ -576,3 +620,11 @@ class StateStore:
             "WHERE seq IN (SELECT MAX(seq) FROM deliveries GROUP BY project_id)"
         )
         return {row[0]: {"pipeline_id": row[1], "outcome": row[2], "at": row[3]} for row in rows}
+
+    def recent_latencies(self, since: datetime) -> tuple[list[tuple[float, str]], bool]:
+        """(seconds, path) of the deliveries measured since ``since`` (of the newest RECENT_CAPACITY), and whether
+        the table is full with its oldest row inside the window (then the window holds only the newest ones)."""
+        stamp = format_ts(since)
+        rows = self._query("SELECT seconds, path FROM latency_recent WHERE delivered_at >= ?", (stamp,))
+        count, oldest = self._query("SELECT COUNT(*), MIN(delivered_at) FROM latency_recent")[0]
+        return [(float(seconds), str(path)) for seconds, path in rows], count >= RECENT_CAPACITY and oldest >= stamp

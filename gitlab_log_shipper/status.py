@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import latency
 from .config import Config
 from .state import StateStore
 from .shipper import REQUEST_LOG_FAILURES
@@ -50,6 +51,7 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
         }
     retries = state.retries()
     rate = stats.get("gitlab.rate_limit_remaining")
+    timed = _latency(config, state, stats, now)
     return {
         "version": __version__,
         "state_dir": str(config.state_dir),
@@ -74,7 +76,17 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
                          "first_failed_at": e.first_failed_at, "next_attempt_at": e.next_attempt_at,
                          "reason": e.reason} for e in retries[:20]],
         },
+        "latency": timed,
     }
+
+
+def _latency(config: Config, state: StateStore, stats: dict[str, str], now: datetime) -> dict[str, Any] | None:
+    """Finish -> delivered latency: the last hour's p50 / p95 / max and counts, and the histogram since the state
+    store was created (``total``). None in file-only mode: there is no receiver whose 2xx ends it."""
+    if not config.posts:
+        return None
+    rows, full = state.recent_latencies(now - latency.RECENT_WINDOW)
+    return {**latency.summary(rows, full=full), "total": latency.histogram(stats)}
 
 
 def empty(config: Config) -> dict[str, Any]:
@@ -161,6 +173,23 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _latency_line(timed: dict[str, Any] | None, mode: str) -> str:
+    """``latency:`` finish (GitLab's finished_at) -> the receiver's 2xx, over the last hour."""
+    if timed is None:
+        return f"latency:       not measured in {mode} mode (no receiver: finish -> delivered ends at a receiver's 2xx)"
+    total = timed["total"]
+    since = f"{total['count']} since the state store was created"
+    if total["clamped"]:
+        since += f", {total['clamped']} clamped to 0 (GitLab's clock ahead of this one)"
+    if not timed["count"]:
+        return f"latency:       none delivered in the last hour (finish -> receiver 2xx); {since}"
+    paths = ", ".join(f"{n} {path}" for path, n in timed["by_path"].items() if n)
+    latest = f", the latest {timed['only_latest']}" if timed["only_latest"] else ""
+    return (f"latency:       last hour{latest}: {timed['count']} delivered ({paths}), finish -> receiver 2xx p50 "
+            f"{_seconds(timed['p50_seconds'])}, p95 {_seconds(timed['p95_seconds'])}, max "
+            f"{_seconds(timed['max_seconds'])}; {since}")
+
+
 def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
     """The snapshot as aligned lines for a terminal (or a ticket)."""
     lines = [f"gitlab-log-shipper {snapshot['version']}: mode {snapshot['mode']}, STATE_DIR {snapshot['state_dir']}"]
@@ -212,6 +241,7 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
     if totals.get(REQUEST_LOG_FAILURES):
         lines.append(f"request log:   {totals[REQUEST_LOG_FAILURES]} line(s) could not be written to api-requests.log "
                      "(deliveries were not affected; see the ERROR lines in the log)")
+    lines.append(_latency_line(snapshot.get("latency"), snapshot["mode"]))
     if snapshot["gitlab_rate_limit_remaining"] is not None:
         lines.append(f"GitLab API:    {snapshot['gitlab_rate_limit_remaining']} requests left in the rate-limit window "
                      "(at the last cycle)")

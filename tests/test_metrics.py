@@ -15,6 +15,9 @@ from shipper_helpers import make_env
 SAMPLE = re.compile(r'^(gitlab_log_shipper_[a-z_]+)(\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})? (-?[0-9.e+]+)$')
 
 
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
 def parse(text: str) -> dict[str, float]:
     """Check the exposition format strictly enough for node_exporter and return {name{labels}: value}."""
     assert text.endswith("\n")
@@ -25,17 +28,44 @@ def parse(text: str) -> dict[str, float]:
             continue
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge") and name not in declared
+            assert kind in ("counter", "gauge", "histogram") and name not in declared
             declared[name] = kind
             continue
         match = SAMPLE.match(line)
         assert match, line
         name, labels, value = match.groups()
-        assert name in declared, f"{name} has no TYPE line"
-        if declared[name] == "counter":
+        family = _family(name, declared)
+        assert family is not None, f"{name} has no TYPE line"
+        if declared[family] == "counter":
             assert name.endswith("_total")
+        assert (name + (labels or "")) not in samples, f"{line}: sample repeated"
         samples[name + (labels or "")] = float(value)
+    for family in (name for name, kind in declared.items() if kind == "histogram"):
+        _check_histogram(family, samples)
     return samples
+
+
+def _family(name: str, declared: dict[str, str]) -> str | None:
+    """The declared metric a sample belongs to: itself, or the histogram whose _bucket/_sum/_count it is."""
+    if name in declared:
+        return None if declared[name] == "histogram" else name  # a histogram has no sample of its bare name
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and declared.get(name[: -len(suffix)]) == "histogram":
+            return name[: -len(suffix)]
+    return None
+
+
+def _check_histogram(family: str, samples: dict[str, float]) -> None:
+    """Prometheus' rules for a histogram without labels: ``le`` buckets in increasing order ending with +Inf,
+    cumulative (never decreasing), the +Inf bucket equal to ``_count``, and a ``_sum``."""
+    prefix = f'{family}_bucket{{le="'
+    bounds = [(key[len(prefix):-2], value) for key, value in samples.items() if key.startswith(prefix)]
+    assert bounds and bounds[-1][0] == "+Inf", f"{family}: no +Inf bucket last"
+    les = [float(le) for le, _ in bounds]
+    assert les == sorted(les) and len(set(les)) == len(les), f"{family}: buckets out of order"
+    counts = [value for _, value in bounds]
+    assert counts == sorted(counts), f"{family}: buckets not cumulative"
+    assert samples[f"{family}_count"] == counts[-1] and f"{family}_sum" in samples
 
 
 def test_textfile_after_cycles(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:
