@@ -689,7 +689,7 @@ class Shipper:
                 result.reason = problem
                 return result
             header, jobs = self._collect(project, detail, all_jobs, spool, result)
-            self._deliver(header, jobs, spool, result, list_row)
+            self._deliver(header, jobs, spool, result, list_row, detail.get("updated_at"))
         except (GitLabSourceError, DeliveryError, OSError) as exc:
             if self.stop.is_set() and not getattr(exc, "gone", False):
                 log.info("pipeline %s (project %s): cut short by the shutdown (%s); done again by the next run",
@@ -835,7 +835,7 @@ class Shipper:
         return fitted
 
     def _deliver(self, header: dict[str, Any], jobs: list[JobLog], spool: Path, result: ShipResult,
-                 list_row: tuple[str, str] | None) -> None:
+                 list_row: tuple[str, str] | None, updated_at: str | None = None) -> None:
         """Files first (file and dual mode: they are written whatever the API says), then the API through
         the outbox-backed :class:`Delivery`. Sets ``result.outcome``; the state records every hand-over."""
         if self.dry_run:
@@ -872,9 +872,10 @@ class Shipper:
             document = spool / "document.json"
             with open(document, "wb") as out:
                 write_document(out, header, jobs, design=self.design)
-        # The start of its finish -> delivered latency: finished_at, or updated_at (list_row's, which every caller
-        # takes from the pipeline GET) for skipped and manual pipelines.
-        rest_at = latency_rest_time(header.get("status"), header.get("finished_at"), list_row[1] if list_row else None)
+        # The start of its finish -> delivered latency: finished_at, or for skipped and manual pipelines the pipeline
+        # GET's updated_at (milliseconds, whichever way the pipeline was found; the list row's as a last resort).
+        rest_at = latency_rest_time(header.get("status"), header.get("finished_at"),
+                                    updated_at or (list_row[1] if list_row else None))
         info = DocumentInfo(result.project_id, result.pipeline_id, result.finish, result.idempotency_key, rest_at)
         outcome, post = self.delivery.send(document, info, list_row)
         result.http_status = post.status if post else None
