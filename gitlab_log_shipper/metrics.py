@@ -56,6 +56,15 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
     metric("request_log_write_failures_total", "counter",
            "Lines that could not be written to api-requests.log (deliveries are not affected).",
            [("", totals.get("request_log_write_failures", 0))])
+    detection = snapshot.get("detection")
+    metric("detection_info", "gauge", "How the latest poll cycle found changes (GITLAB_API): rest or graphql.",
+           [(f'{{mode="{detection["mode"]}"}}', 1)] if detection else [])
+    metric("graphql_fallbacks_total", "counter",
+           "Cycles whose GraphQL detection failed as a whole, so that REST listed every project.",
+           [("", totals.get("graphql_fallbacks", 0))])
+    metric("rest_listed_projects_total", "counter",
+           "Projects listed with REST in GraphQL mode because GraphQL's answer left them out (one per cycle).",
+           [("", totals.get("rest_listed_projects", 0))])
     metric("cycles_incomplete_total", "counter", "Poll cycles that left something undelivered.",
            [("", totals[INCOMPLETE_CYCLES])])
     metric("outbox_documents", "gauge", "Documents waiting in the outbox for the receiver.", [("", outbox["documents"])])

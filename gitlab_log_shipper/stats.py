@@ -22,7 +22,9 @@ from .shipper import (
     OUTBOX_DEAD,
     OUTBOX_SENT,
     QUEUED_OUTCOME,
+    GRAPHQL_FALLBACKS,
     REQUEST_LOG_FAILURES,
+    REST_LISTED,
     SHIPPED,
     CycleReport,
 )
@@ -38,7 +40,7 @@ CYCLES, INCOMPLETE_CYCLES = "cycles", "cycles_incomplete"
 
 
 def outcome_counts(config: Config, report: CycleReport) -> dict[str, int]:
-    counts = {name: report.counts[name] for name in (*TOTALS, REQUEST_LOG_FAILURES)
+    counts = {name: report.counts[name] for name in (*TOTALS, REQUEST_LOG_FAILURES, GRAPHQL_FALLBACKS, REST_LISTED)
               if name != FELL_BACK_TO_FILE and report.counts[name]}
     if config.mode == "dual":
         fell_back = report.counts[QUEUED_OUTCOME] + report.counts[DEAD_LETTERED]
@@ -53,8 +55,10 @@ def record_run(state: StateStore, config: Config, report: CycleReport) -> None:
 
 
 def record_cycle(state: StateStore, config: Config, report: CycleReport, *, started: datetime, finished: datetime,
-                 rate_limit_remaining: int | None, projects: Iterable[ProjectRef]) -> None:
-    """One poll cycle: totals, the cycle's time, duration and summary, and the projects it polled."""
+                 rate_limit_remaining: int | None, projects: Iterable[ProjectRef],
+                 detection: tuple[str | None, str] | None = None) -> None:
+    """One poll cycle: totals, the cycle's time, duration and summary, the projects it polled, and how it found
+    changes (``detection``: GITLAB_API's choice and its reason)."""
     counts = outcome_counts(config, report)
     counts[CYCLES] = 1
     if not report.complete:
@@ -74,6 +78,8 @@ def record_cycle(state: StateStore, config: Config, report: CycleReport, *, star
         values["last_success_at"] = format_ts(finished)
     if rate_limit_remaining is not None:
         values["gitlab.rate_limit_remaining"] = str(rate_limit_remaining)
+    if detection is not None and detection[0] is not None:
+        values["gitlab.detection"], values["gitlab.detection_reason"] = detection[0], detection[1][:300]
     names = {f"project.{p.id}": p.path_with_namespace or p.name or "" for p in projects}
     values.update(names)
     state.record_stats(counts, values, replace_prefix="project." if names else None)

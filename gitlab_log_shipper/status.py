@@ -15,7 +15,7 @@ from . import __version__
 from . import latency
 from .config import Config
 from .state import StateStore
-from .shipper import REQUEST_LOG_FAILURES
+from .shipper import GRAPHQL_FALLBACKS, REQUEST_LOG_FAILURES, REST_LISTED
 from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
 from .timeutil import format_ts, parse_ts
 
@@ -65,8 +65,11 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
         "dead_letters": {"count": dead_count, "oldest_at": format_ts(dead_oldest) if dead_oldest else None,
                          "folder": str(config.state_dir / "dead-letter")},
         "totals": {name: int(stats.get(f"count.{name}", "0"))
-                   for name in (*TOTALS, CYCLES, INCOMPLETE_CYCLES, REQUEST_LOG_FAILURES)},
+                   for name in (*TOTALS, CYCLES, INCOMPLETE_CYCLES, REQUEST_LOG_FAILURES, GRAPHQL_FALLBACKS, REST_LISTED)},
         "gitlab_rate_limit_remaining": int(rate) if rate and rate.isdigit() else None,
+        # How the daemon's latest cycle found changes (GITLAB_API), None before its first cycle.
+        "detection": {"mode": stats["gitlab.detection"], "reason": stats.get("gitlab.detection_reason", "")}
+        if stats.get("gitlab.detection") else None,
         # Pipelines that failed to ship and are tried again by id on their own backoff (oldest failure first).
         "retrying": {
             "pipelines": len(retries),
@@ -242,6 +245,11 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
         lines.append(f"request log:   {totals[REQUEST_LOG_FAILURES]} line(s) could not be written to api-requests.log "
                      "(deliveries were not affected; see the ERROR lines in the log)")
     lines.append(_latency_line(snapshot.get("latency"), snapshot["mode"]))
+    if snapshot.get("detection"):
+        detection = snapshot["detection"]
+        fallbacks = totals.get(GRAPHQL_FALLBACKS, 0)
+        lines.append(f"detection:     {'GraphQL' if detection['mode'] == 'graphql' else 'REST'} ({detection['reason']})"
+                     + (f"; GraphQL failed as a whole {fallbacks} time(s)" if fallbacks else ""))
     if snapshot["gitlab_rate_limit_remaining"] is not None:
         lines.append(f"GitLab API:    {snapshot['gitlab_rate_limit_remaining']} requests left in the rate-limit window "
                      "(at the last cycle)")
