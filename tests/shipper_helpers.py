@@ -88,6 +88,9 @@ def make_env(tmp: Path, sim: GitLabSimulator, receiver: Receiver | None, **overr
         "INITIAL_LOOKBACK": "1d",
         "GITLAB_TIMEOUT": "10",
         "API_POST_TIMEOUT": "10",
+        # The suite's request counts and listing tests are REST's; GraphQL detection has tests of its own (and the
+        # whole suite can be run with it: TEST_GITLAB_API=graphql or auto).
+        "GITLAB_API": os.environ.get("TEST_GITLAB_API", "rest"),
     }
     if receiver is not None:
         values.update({"API_POST_ENABLED": "true", "API_POST_URL": receiver.url, "API_POST_AUTH_TOKEN": API_TOKEN})
