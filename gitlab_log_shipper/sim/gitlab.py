@@ -1189,7 +1189,7 @@ class GitLabSimulator(LoopbackService):
                 return None
             length = int(raw_length)
             if length > _MAX_GRAPHQL_BODY:
-                handler.close_connection = True  # the body stays unread: this connection is done
+                _drain(handler, length)  # read and dropped in chunks: memory stays bounded
                 handler.send_json(413, {"errors": [{"message": "Request Entity Too Large"}]})
                 return None
             body = handler.rfile.read(length)
@@ -1604,6 +1604,15 @@ class GitLabSimulator(LoopbackService):
                 handler.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _drain(handler: _Handler, length: int) -> None:
+    """Read and drop ``length`` bytes of request body, so the connection stays usable."""
+    while length > 0:
+        chunk = handler.rfile.read(min(length, 65536))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 def _trace_chunks(log: Any, stop_after: int | None) -> Iterator[bytes]:
