@@ -244,6 +244,11 @@ def test_pipelines_come_newest_first_and_a_deletion_between_pages_skips_nothing(
     back = pipelines_page(sim, project, f'last: 2, before: "{page3["pageInfo"]["startCursor"]}"')
     assert ids_of(back) == newest_first[4:6]
     assert back["pageInfo"]["hasNextPage"] is True and back["pageInfo"]["hasPreviousPage"] is True
+    # GitLab's rules, not a count: with ``before`` there is always a next page; without ``first`` (only
+    # ``last``) and no row before, no previous one.
+    top = pipelines_page(sim, project, f'last: 10, before: "{page3["pageInfo"]["startCursor"]}"')
+    assert ids_of(top) == [newest_first[1], *newest_first[3:6]]
+    assert top["pageInfo"]["hasNextPage"] is True and top["pageInfo"]["hasPreviousPage"] is False
 
 
 def test_page_size_is_capped_at_100_and_first_defaults_to_it(sim: GitLabSimulator, world: World) -> None:
@@ -370,7 +375,8 @@ def test_user_public_email_and_commit_author_email_follow_the_world(sim: GitLabS
     lost_commit = world.add_pipeline(project.id, user=alice, sha="f" * 40)
     world.delete_user(carol["id"])
     del world.commits[(project.id, "f" * 40)]
-    query = f"query($ids: [ID!]) {{ projects(ids: $ids) {{ nodes {{ pipelines {{ nodes {{ {PIPELINE_FIELDS} }} }} }} }} }}"
+    query = (f"query($ids: [ID!]) {{ projects(ids: $ids) {{ nodes {{ pipelines {{ nodes {{ {PIPELINE_FIELDS} }} }} "
+             "} } }")
     rows = data(post(sim, query, {"ids": [project_gid(project)]}))["projects"]["nodes"][0]["pipelines"]["nodes"]
     got = {int(r["id"].rsplit("/", 1)[1]): (r["user"], r["commit"]) for r in rows}
     assert got[with_email.id] == ({"publicEmail": "alice@example.com"}, {"authorEmail": "a@dev.example"})
@@ -479,7 +485,8 @@ def test_complexity_of_the_detection_query_is_gitlabs_formula() -> None:
     assert query_complexity(detect_query(1, first=50)) == 105
     assert query_complexity("{ metadata { version } }") == 2
     assert query_complexity('{ projects(search: "x", first: 10) { nodes { id } } }') == int((2 + 6) * 1.1)
-    pipelines = "query($ids: [ID!]) { projects(ids: $ids, first: 1) { nodes { pipelines(first: 20, ref: \"main\") { nodes { id } } } } }"
+    pipelines = ('query($ids: [ID!]) { projects(ids: $ids, first: 1) { nodes { pipelines(first: 20, ref: "main") '
+                 "{ nodes { id } } } } }")
     # pipelines: (nodes 2 + resolver 1 + ref 2 + gitaly 1) × 1.2 = 7.2 → 7; nodes 1 + 7 → (8 + 1) × 1.01 → 9
     assert query_complexity(pipelines) == 9
 
@@ -497,7 +504,8 @@ def test_complexity_above_250_is_refused_with_graphql_rubys_message(sim: GitLabS
     assert ok.status_code == 200 and "errors" not in ok.json()
     refused = post(sim, at_251, {"ids0": [], "after0": None})
     assert refused.status_code == 200
-    assert refused.json() == {"errors": [{"message": "Query has complexity of 251, which exceeds max complexity of 250"}]}
+    assert refused.json() == {
+        "errors": [{"message": "Query has complexity of 251, which exceeds max complexity of 250"}]}
     two_blocks = post(sim, detect_query(2), {"ids0": [], "ids1": []}).json()
     assert two_blocks == {"errors": [{"message": "Query has complexity of 280, which exceeds max complexity of 250"}]}
     assert data(post(sim, "{ queryComplexity { score limit } }"))["queryComplexity"] == {"score": 3, "limit": 250}
@@ -529,7 +537,8 @@ def test_depth_above_the_limit_is_refused(sim: GitLabSimulator) -> None:
         return f'{{ __type(name: "Pipeline") {{ {inner} }} }}'
 
     assert post(sim, nested(18)).json().get("errors") is None  # depth 20
-    assert post(sim, nested(19)).json() == {"errors": [{"message": "Query has depth of 21, which exceeds max depth of 20"}]}
+    assert post(sim, nested(19)).json() == {
+        "errors": [{"message": "Query has depth of 21, which exceeds max depth of 20"}]}
     assert post(sim, nested(14), token=None).json() == {
         "errors": [{"message": "Query has depth of 16, which exceeds max depth of 15"}]}
 
@@ -548,7 +557,8 @@ def test_validation_and_variable_errors_are_200_with_graphql_rubys_words(sim: Gi
     assert bad_time == {"errors": [{
         "message": "Variable $t of type Time was provided invalid value",
         "locations": [{"line": 1, "column": 20}],
-        "extensions": {"value": "yesterday", "problems": [{"path": [], "explanation": "Can not coerce yesterday to a time"}]},
+        "extensions": {"value": "yesterday",
+                       "problems": [{"path": [], "explanation": "Can not coerce yesterday to a time"}]},
     }]}
     assert post(sim, "").json() == {"errors": [{"message": "No query string was present"}]}
 
@@ -692,3 +702,22 @@ def test_the_probe_sees_the_version_the_user_and_the_fields(sim: GitLabSimulator
 def test_cursor_helpers_round_trip() -> None:
     assert decode_cursor(encode_cursor(2_900_000_123)) == 2_900_000_123
     assert "=" not in encode_cursor(7)
+
+
+def test_without_graphql_core_the_route_is_absent_and_the_log_says_why(
+    sim: GitLabSimulator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """graphql-core is optional (the ``sim`` extra): without it ``/api/graphql`` answers 404, like a GitLab
+    without GraphQL (so a shipper on ``auto`` falls back to REST), said once in the log; REST works."""
+    import sys
+
+    import gitlab_log_shipper.sim.graphql as sim_graphql
+
+    monkeypatch.setattr(sim_graphql, "_SCHEMAS", {})
+    monkeypatch.setitem(sys.modules, "graphql", None)  # an import of it now fails
+    with caplog.at_level("WARNING", logger="gitlab_log_shipper.sim.gitlab"):
+        assert [post(sim, "{ metadata { version } }").status_code for _ in range(2)] == [404, 404]
+    assert [r.getMessage() for r in caplog.records].count(
+        "GitLab simulator: /api/graphql answers 404: graphql-core is not installed: "
+        "pip install 'gitlab-log-shipper[sim]'") == 1
+    assert rest(sim, "/version").status_code == 200

@@ -1,5 +1,8 @@
 """A GitLab REST API simulator: the endpoints a log shipper uses, served over real HTTP from a World.
 
+It also serves GitLab's GraphQL API at ``/api/graphql`` (:mod:`.graphql`, with graphql-core from the ``sim``
+extra) from the same World, behind the same authentication, rate-limit window, faults and ``Date`` header.
+
 Integration tests talk to it with unmodified python-gitlab, so it reproduces what decides whether a
 poller is correct (see ``gitlab-api-notes.md``): offset pagination with GitLab's headers (and their
 absence above 10,000 rows) and Link URLs rebuilt from the coerced params, inclusive ``updated_*`` and
@@ -41,7 +44,14 @@ from urllib.parse import parse_qsl, quote_plus, unquote, urlsplit
 
 from ._loopback import DISCONNECTS as _DISCONNECTS
 from ._loopback import LoopbackHandler, LoopbackServer, LoopbackService
-from .graphql import GraphQLBadRequest, GraphQLFaults, GraphQLRequest, GraphQLService, GraphQLUnavailable, read_request
+from .graphql import (
+    GraphQLBadRequest,
+    GraphQLFaults,
+    GraphQLRequest,
+    GraphQLService,
+    GraphQLUnavailable,
+    read_request,
+)
 from .logs import iter_log, log_size
 from .world import (
     AVAILABLE_STATUSES,
@@ -1011,7 +1021,8 @@ class GitLabSimulator(LoopbackService):
 
         ``endpoint`` is one of :data:`ENDPOINTS` (or ``"unknown"``), ``args`` the path arguments
         (project, then pipeline or job id, as sent), ``params`` the query parameters (last value of a
-        repeated one). An exception in the callback answers the request with a 500. Returns
+        repeated one); for ``"graphql"`` also ``query``, ``variables`` (as JSON) and ``operationName``.
+        An exception in the callback answers the request with a 500. Returns
         ``callback``, for :meth:`remove_request_hook`.
         """
         with self._stats_lock:
@@ -1207,7 +1218,8 @@ class GitLabSimulator(LoopbackService):
         anonymous request; then the query itself (:meth:`GraphQLService.answer`)."""
         if self.graphql.faults.disabled or not self._graphql_ready():
             self._note_fault("graphql_disabled", "graphql", "no /api/graphql route")
-            handler.send_body(404, _NOT_FOUND_PAGE, {**rate_headers, "Content-Type": "text/html; charset=utf-8"})
+            headers = {**rate_headers, "Content-Type": "text/html; charset=utf-8"}
+            handler.send_body(404, _NOT_FOUND_PAGE, headers)
             return
         token = self._token(handler, params)
         if token is not None and token != self.world.token:
@@ -1461,7 +1473,8 @@ class GitLabSimulator(LoopbackService):
     def _list_pipelines(
         self, render: _Renderer, project: Project, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
-        """GET /projects/:id/pipelines: Grape's parameter checks, then Ci::PipelinesFinder (World.find_pipelines)."""
+        """GET /projects/:id/pipelines: Grape's parameter checks, then Ci::PipelinesFinder
+        (:meth:`World.find_pipelines`, shared with GraphQL)."""
         scope = params.choice("scope", ("running", "pending", "finished", "branches", "tags"), None)
         status = params.choice("status", AVAILABLE_STATUSES, None)
         source = params.choice("source", PIPELINE_SOURCES, None)

@@ -687,6 +687,8 @@ def query_complexity(query: str, variables: dict[str, Any] | None = None, *, max
 
 _UNDEFINED_FIELD = re.compile(r"^Cannot query field '([^']+)' on type '([^']+)'\.")
 _UNKNOWN_ARGUMENT = re.compile(r"^Unknown argument '([^']+)' on field '([^'.]+)\.([^']+)'\.")
+_UNKNOWN_OPERATION = re.compile(r"^Unknown operation named '(.*)'\.$")
+_OPERATION_NAME_NEEDED = "Must provide operation name if query contains multiple operations."
 _BAD_VARIABLE = re.compile(r"^Variable '\$([^']+)' (?:got invalid value .*?; (.*)|of (?:required|non-null) type .*)$",
                            re.S)
 
@@ -702,6 +704,10 @@ def _formatted(error: GraphQLError, operation: Any = None, variables: dict[str, 
         out["message"] = f"Field '{match.group(3)}' doesn't accept argument '{match.group(1)}'"
         out["extensions"] = {"code": "argumentNotAccepted", "name": match.group(3), "typeName": "Field",
                              "argumentName": match.group(1)}
+    elif message == _OPERATION_NAME_NEEDED:
+        out["message"] = "An operation name is required"  # GraphQL::Query::OperationNameMissingError
+    elif match := _UNKNOWN_OPERATION.match(message):
+        out["message"] = f'No operation named "{match.group(1)}"'
     elif (match := _BAD_VARIABLE.match(message)) and operation is not None:
         out.update(_variable_error(operation, match.group(1), match.group(2), variables or {}))
     return out
@@ -767,6 +773,8 @@ class GraphQLService:
             return prepared
         document, analysis = prepared
         fault = None
+        if faults.timeout_answer not in _TIMEOUT_ANSWERS:
+            raise ValueError(f"GraphQLFaults.timeout_answer must be one of {_TIMEOUT_ANSWERS}")
         if faults.timeout_above_projects is not None and analysis.project_ids > faults.timeout_above_projects:
             self._stopping.wait(max(0.0, faults.timeout_seconds))
             fault = f"graphql_timeout ({analysis.project_ids} project ids)"

@@ -29,6 +29,7 @@ from .logs import Log, LogSpec
 __all__ = [
     "AVAILABLE_STATUSES",
     "COMPLETED_STATUSES",
+    "DEFAULT_GITLAB_VERSION",
     "FINISHED_STATUSES",
     "NEVER_RAN_STATUSES",
     "PIPELINE_SOURCES",
