@@ -721,3 +721,21 @@ def test_without_graphql_core_the_route_is_absent_and_the_log_says_why(
         "GitLab simulator: /api/graphql answers 404: graphql-core is not installed: "
         "pip install 'gitlab-log-shipper[sim]'") == 1
     assert rest(sim, "/version").status_code == 200
+
+
+@pytest.mark.parametrize("form", [
+    "{:%Y-%m-%dT%H:%M:%S}.{:%f}Z", "{:%Y-%m-%d %H:%M:%S}.{:%f}", "{:%Y-%m-%dT%H:%M:%S}.{:%f}+00:00",
+    "{:%Y-%m-%dT%H:%M:%S}.{:%f}+0000",
+])
+def test_time_input_is_read_as_time_zone_parse_reads_it(sim: GitLabSimulator, world: World, form: str) -> None:
+    """Types::TimeType.coerce_input is ``Time.zone.parse`` (UTC): ``T`` or a space, ``Z``, an offset with
+    or without a colon, no zone at all; the fraction of a second is kept (here: the exact stamp, included,
+    and one microsecond later, excluded)."""
+    project = make_project(world)
+    pipeline = world.add_pipeline(project.id)
+    stamp = pipeline.updated_at
+    later = stamp + timedelta(microseconds=1)
+    assert ids_of(pipelines_page(sim, project, f'updatedAfter: "{form.format(stamp, stamp)}"')) == [pipeline.id]
+    assert ids_of(pipelines_page(sim, project, f'updatedAfter: "{form.format(later, later)}"')) == []
+    day = pipelines_page(sim, project, f'updatedAfter: "{stamp:%Y-%m-%d}"')  # a date: midnight UTC
+    assert ids_of(day) == [pipeline.id]

@@ -51,7 +51,6 @@ __all__ = [
     "GraphQLUnavailable",
     "decode_cursor",
     "encode_cursor",
-    "graphql_available",
     "query_complexity",
     "read_request",
 ]
@@ -66,15 +65,6 @@ _INTERNAL = "Internal server error"
 
 class GraphQLUnavailable(RuntimeError):
     """graphql-core is not installed (``pip install gitlab-log-shipper[sim]``)."""
-
-
-def graphql_available() -> bool:
-    """Whether graphql-core can be imported, i.e. whether the simulator can serve ``/api/graphql``."""
-    try:
-        import graphql  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -282,7 +272,7 @@ def _serialize_time(value: Any) -> str:
 
 
 _ISO_TIME = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?)?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?$"
+    r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:\.(\d+))?)?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?$"
 )
 
 
@@ -299,7 +289,7 @@ def _parse_time(value: Any) -> datetime:
     if fraction:
         text += "." + (fraction + "000000")[:6]
     if zone and zone not in ("Z", "z"):
-        text += zone if ":" in zone or len(zone) == 3 else f"{zone[:3]}:{zone[3:]}"
+        text += zone if ":" in zone else f"{zone[:3]}:{zone[3:] or '00'}"  # Python 3.10 needs +HH:MM
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:  # Ruby: ArgumentError "argument out of range"
