@@ -739,3 +739,17 @@ def test_time_input_is_read_as_time_zone_parse_reads_it(sim: GitLabSimulator, wo
     assert ids_of(pipelines_page(sim, project, f'updatedAfter: "{form.format(later, later)}"')) == []
     day = pipelines_page(sim, project, f'updatedAfter: "{stamp:%Y-%m-%d}"')  # a date: midnight UTC
     assert ids_of(day) == [pipeline.id]
+
+
+def test_projects_pages_are_capped_at_100_too(sim: GitLabSimulator, world: World) -> None:
+    """``projects(ids:)`` is a keyset connection with the same ``default_max_page_size``: 101 ids asked with
+    ``first: 200`` give 100 projects and a next page holding the last one."""
+    projects = [world.add_project(f"p{i}") for i in range(101)]
+    query = ("query($ids: [ID!], $after: String) { projects(ids: $ids, first: 200, after: $after) { "
+             "pageInfo { hasNextPage endCursor } nodes { id } } }")
+    variables: dict[str, Any] = {"ids": [project_gid(p) for p in projects]}
+    page = data(post(sim, query, variables))["projects"]
+    assert len(page["nodes"]) == 100 and page["pageInfo"]["hasNextPage"] is True
+    variables["after"] = page["pageInfo"]["endCursor"]
+    last = data(post(sim, query, variables))["projects"]
+    assert last["nodes"] == [{"id": project_gid(projects[0])}] and last["pageInfo"]["hasNextPage"] is False

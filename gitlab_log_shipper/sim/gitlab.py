@@ -81,7 +81,8 @@ ENDPOINTS: tuple[str, ...] = (
 Requests to anything else are counted as ``"unknown"``."""
 
 GITLAB_VERSION = DEFAULT_GITLAB_VERSION  # what a World reports unless given another (World.gitlab_version)
-# The largest GraphQL request body read (a query is at most 10,000 characters; variables add a little).
+# The largest GraphQL request body accepted (a query is at most 10,000 characters; variables add a little);
+# a bigger one is read and dropped in chunks, then refused with a 413.
 _MAX_GRAPHQL_BODY = 1 << 20
 _TRACE_CHUNK = 64 * 1024
 # GitLab.com's authenticated API limit, shown in RateLimit-* headers when no limit is enforced.
@@ -863,7 +864,7 @@ class _Handler(LoopbackHandler):
         self._serve(head=True)
 
     def do_POST(self) -> None:
-        if _route(urlsplit(self.path).path)[0] == "graphql":
+        if self.command == "POST" and _route(urlsplit(self.path).path)[0] == "graphql":
             self._serve(head=False)
         else:
             self._other_method()
@@ -904,6 +905,8 @@ class _Handler(LoopbackHandler):
         self.server.owner._count(endpoint)
         if endpoint == "unknown":
             self.send_json(404, {"error": "404 Not Found"})
+        elif endpoint == "graphql":  # Rails routes only GET and POST to GraphqlController#execute
+            self.send_body(404, _NOT_FOUND_PAGE, {"Content-Type": "text/html; charset=utf-8"})
         else:
             self.send_json(405, {"error": "405 Not Allowed"}, {"Allow": "GET, HEAD"})
 

@@ -2,9 +2,10 @@
 
 A :class:`World` is plain data plus the mutations a poller must survive (a pipeline finishing late,
 being retried and finishing again, being touched without a status change, being deleted). It knows
-nothing of HTTP: :mod:`gitlab_log_shipper.sim.gitlab` renders it as GitLab's REST API. Tests build a
-world, start a simulator on it, and change it while the shipper runs; every mutation holds
-:attr:`World.lock`, which the HTTP handlers also hold while they read.
+nothing of HTTP: :mod:`gitlab_log_shipper.sim.gitlab` renders it as GitLab's REST API and
+:mod:`gitlab_log_shipper.sim.graphql` as its GraphQL API, both through the same finder
+(:meth:`World.find_pipelines`). Tests build a world, start a simulator on it, and change it while the
+shipper runs; every mutation holds :attr:`World.lock`, which the HTTP handlers also hold while they read.
 
 Ids are big realistic integers (pipelines from 2,900,000,000, jobs from 16,860,000,000, projects from
 87,089,000) so code that squeezes ids into 32 bits or floats fails here as it would on GitLab.com. Jobs
