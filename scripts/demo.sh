@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
-install_into_venv .
+# The sim extra: the bundled simulator then serves GitLab's GraphQL API too (graphql-core).
+install_into_venv '.[sim]'
 exec "$VENV/bin/python" scripts/demo.py

@@ -3,8 +3,10 @@
 - :mod:`.world` — the state of a simulated GitLab (projects, pipelines, jobs, logs) and its mutations;
 - :mod:`.logs` — deterministic, realistic job logs of any size, streamed in bounded memory;
 - :mod:`.gitlab` — GitLab's REST API over HTTP, answering from a World, with fault injection;
+- :mod:`.graphql` — GitLab's GraphQL API (``/api/graphql``) for the same simulator and World;
 - :mod:`.receiver` — the log-analysis API the shipper posts to;
 - ``python -m gitlab_log_shipper.sim`` — run either as a standalone server.
 
-Standard library only: these run wherever the shipper runs.
+Standard library only, except the GraphQL API, which needs graphql-core (the ``sim`` extra) and is
+imported lazily: without it the simulator answers ``/api/graphql`` with 404 and all else works.
 """

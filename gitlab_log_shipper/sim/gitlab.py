@@ -1,5 +1,8 @@
 """A GitLab REST API simulator: the endpoints a log shipper uses, served over real HTTP from a World.
 
+It also serves GitLab's GraphQL API at ``/api/graphql`` (:mod:`.graphql`, with graphql-core from the ``sim``
+extra) from the same World, behind the same authentication, rate-limit window, faults and ``Date`` header.
+
 Integration tests talk to it with unmodified python-gitlab, so it reproduces what decides whether a
 poller is correct (see ``gitlab-api-notes.md``): offset pagination with GitLab's headers (and their
 absence above 10,000 rows) and Link URLs rebuilt from the coerced params, inclusive ``updated_*`` and
@@ -41,10 +44,18 @@ from urllib.parse import parse_qsl, quote_plus, unquote, urlsplit
 
 from ._loopback import DISCONNECTS as _DISCONNECTS
 from ._loopback import LoopbackHandler, LoopbackServer, LoopbackService
+from .graphql import (
+    GraphQLBadRequest,
+    GraphQLFaults,
+    GraphQLRequest,
+    GraphQLService,
+    GraphQLUnavailable,
+    read_request,
+)
 from .logs import iter_log, log_size
 from .world import (
     AVAILABLE_STATUSES,
-    COMPLETED_STATUSES,
+    DEFAULT_GITLAB_VERSION,
     PIPELINE_SOURCES,
     Bridge,
     Commit,
@@ -64,12 +75,15 @@ RequestHook = Callable[[str, list[str], dict[str, str]], None]
 
 ENDPOINTS: tuple[str, ...] = (
     "version", "user", "projects", "project", "group", "group_projects", "pipelines", "pipeline",
-    "pipeline_jobs", "pipeline_bridges", "job", "trace", "commit", "token_self",
+    "pipeline_jobs", "pipeline_bridges", "job", "trace", "commit", "token_self", "graphql",
 )
 """Endpoint names used by :attr:`GitLabSimulator.counters` and :meth:`GitLabSimulator.inject`.
 Requests to anything else are counted as ``"unknown"``."""
 
-GITLAB_VERSION = "19.5.0-pre"
+GITLAB_VERSION = DEFAULT_GITLAB_VERSION  # what a World reports unless given another (World.gitlab_version)
+# The largest GraphQL request body accepted (a query is at most 10,000 characters; variables add a little);
+# a bigger one is read and dropped in chunks, then refused with a 413.
+_MAX_GRAPHQL_BODY = 1 << 20
 _TRACE_CHUNK = 64 * 1024
 # GitLab.com's authenticated API limit, shown in RateLimit-* headers when no limit is enforced.
 _DISPLAY_RATE_LIMIT = 2000
@@ -222,6 +236,13 @@ def _error_page(status: int) -> bytes:
         "</body>\r\n</html>\r\n"
     ).encode("ascii")
 
+
+# Rails' public/404.html, shortened: what a path without a route answers.
+_NOT_FOUND_PAGE = (
+    b"<!DOCTYPE html>\n<html>\n<head><title>The page you're looking for could not be found (404)</title></head>\n"
+    b"<body><h1>404</h1><p>The page could not be found or you don't have permission to view it.</p></body>\n"
+    b"</html>\n"
+)
 
 _REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -776,6 +797,8 @@ def _route(path: str) -> tuple[str, list[str]]:
     Splitting happens before percent-decoding: a project path is ONE segment (``group%2Fsub%2Fproj``),
     exactly as GitLab's routes require.
     """
+    if path.rstrip("/") == "/api/graphql":
+        return "graphql", []
     if not path.startswith("/api/v4/"):
         return "unknown", []
     parts = [unquote(p) for p in path[len("/api/v4/"):].split("/")]
@@ -841,7 +864,10 @@ class _Handler(LoopbackHandler):
         self._serve(head=True)
 
     def do_POST(self) -> None:
-        self._other_method()
+        if self.command == "POST" and _route(urlsplit(self.path).path)[0] == "graphql":
+            self._serve(head=False)
+        else:
+            self._other_method()
 
     do_PUT = do_PATCH = do_DELETE = do_POST
 
@@ -879,6 +905,8 @@ class _Handler(LoopbackHandler):
         self.server.owner._count(endpoint)
         if endpoint == "unknown":
             self.send_json(404, {"error": "404 Not Found"})
+        elif endpoint == "graphql":  # Rails routes only GET and POST to GraphqlController#execute
+            self.send_body(404, _NOT_FOUND_PAGE, {"Content-Type": "text/html; charset=utf-8"})
         else:
             self.send_json(405, {"error": "405 Not Allowed"}, {"Allow": "GET, HEAD"})
 
@@ -941,13 +969,14 @@ class GitLabSimulator(LoopbackService):
     MAX_PER_PAGE = 100
 
     def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, graphql_faults: GraphQLFaults | None = None) -> None:
         super().__init__(host, port, tls)
         self.world = world
         self.faults = faults or Faults()
         self.counters: collections.Counter[str] = collections.Counter()
         # Faults actually served, by kind: "injected", "rate_limited", "error_page", "unauthorized",
-        # "dropped_trace", "trickled_trace". Lets a test check that the failure it set up really happened.
+        # "dropped_trace", "trickled_trace", "graphql_disabled", "graphql_timeout", "graphql_alias_error".
+        # Lets a test check that the failure it set up really happened.
         self.faults_served: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         # Base of pagination Link URLs when it must differ from ``url`` (GitLab behind a proxy that
@@ -959,7 +988,10 @@ class GitLabSimulator(LoopbackService):
         self._rate_count = 0
         self._dropped_jobs: set[int] = set()
         self._request_hooks: list[RequestHook] = []
-        self._stopping = threading.Event()  # ends trickling traces when the simulator stops
+        self._stopping = threading.Event()  # ends trickling traces (and held GraphQL answers) on stop
+        # POST /api/graphql: ``graphql.limits`` and ``graphql.faults`` are the knobs (see .graphql).
+        self.graphql = GraphQLService(world, self._stopping, faults=graphql_faults)
+        self._graphql_missing_logged = False
 
     # -- test controls ----------------------------------------------------------------------------
 
@@ -992,7 +1024,8 @@ class GitLabSimulator(LoopbackService):
 
         ``endpoint`` is one of :data:`ENDPOINTS` (or ``"unknown"``), ``args`` the path arguments
         (project, then pipeline or job id, as sent), ``params`` the query parameters (last value of a
-        repeated one). An exception in the callback answers the request with a 500. Returns
+        repeated one); for ``"graphql"`` also ``query``, ``variables`` (as JSON) and ``operationName``.
+        An exception in the callback answers the request with a 500. Returns
         ``callback``, for :meth:`remove_request_hook`.
         """
         with self._stats_lock:
@@ -1082,29 +1115,23 @@ class GitLabSimulator(LoopbackService):
         endpoint, args = _route(split.path)
         self._count(endpoint)
         params = _Params(parse_qsl(split.query, keep_blank_values=True))
+        graphql_request: GraphQLRequest | None = None
+        hook_params = {k: v for k, v in params.pairs}
+        if endpoint == "graphql":
+            graphql_request = self._read_graphql(handler, params)
+            if graphql_request is None:
+                return
+            hook_params.update(graphql_request.hook_params())
         with self._stats_lock:
             hooks = list(self._request_hooks)
         for hook in hooks:
-            hook(endpoint, list(args), {k: v for k, v in params.pairs})
-        if self.faults.latency > 0:
-            time.sleep(self.faults.latency)
-        now = time.time()
-        rate = self._rate_tick(now)
-        injection = self._take_injection(endpoint)
-        if injection is not None:
-            self._note_fault("injected", endpoint, injection.status)
-            self._send_injected(handler, injection, rate, now)
+            hook(endpoint, list(args), hook_params)
+        rate_headers = self._edge(handler, endpoint)
+        if rate_headers is None:
             return
-        if rate.throttled:
-            self._note_fault("rate_limited", endpoint, f"{rate.observed} > {rate.limit}")
-            self._send_429(handler, rate, now, bare=self.faults.bare_429)
+        if graphql_request is not None:
+            self._answer_graphql(handler, graphql_request, params, rate_headers)
             return
-        error = self.faults.pick_error()
-        if error is not None:
-            self._note_fault("error_page", endpoint, error)
-            handler.send_body(error, _error_page(error), {"Content-Type": "text/html"})
-            return
-        rate_headers = rate.headers(now)
         if endpoint == "unknown":
             # Grape's catch-all route answers before any authentication.
             handler.send_json(404, {"error": "404 Not Found"}, rate_headers)
@@ -1123,7 +1150,32 @@ class GitLabSimulator(LoopbackService):
             return
         handler.send_json(200, payload, {**rate_headers, **extra})
 
-    def _authorized(self, handler: _Handler, params: _Params) -> bool:
+    def _edge(self, handler: _Handler, endpoint: str) -> dict[str, str] | None:
+        """What happens before GitLab's application sees a request (REST and GraphQL alike): the latency,
+        one count in the shared rate-limit window, an injected answer, Rack::Attack's 429, a CDN error page.
+        Returns the RateLimit-* headers for the answer, or None when the request was answered here."""
+        if self.faults.latency > 0:
+            time.sleep(self.faults.latency)
+        now = time.time()
+        rate = self._rate_tick(now)
+        injection = self._take_injection(endpoint)
+        if injection is not None:
+            self._note_fault("injected", endpoint, injection.status)
+            self._send_injected(handler, injection, rate, now)
+            return None
+        if rate.throttled:
+            self._note_fault("rate_limited", endpoint, f"{rate.observed} > {rate.limit}")
+            self._send_429(handler, rate, now, bare=self.faults.bare_429)
+            return None
+        error = self.faults.pick_error()
+        if error is not None:
+            self._note_fault("error_page", endpoint, error)
+            handler.send_body(error, _error_page(error), {"Content-Type": "text/html"})
+            return None
+        return rate.headers(now)
+
+    def _token(self, handler: _Handler, params: _Params) -> str | None:
+        """The token a request carries: PRIVATE-TOKEN, ``Authorization: Bearer``, or ``private_token``."""
         token = handler.headers.get("PRIVATE-TOKEN")
         if token is None:
             auth = handler.headers.get("Authorization", "")
@@ -1131,7 +1183,68 @@ class GitLabSimulator(LoopbackService):
                 token = auth[7:].strip()
         if token is None:
             token = params.get("private_token")  # GitLab also accepts the token as a parameter
+        return token
+
+    def _authorized(self, handler: _Handler, params: _Params) -> bool:
+        token = self._token(handler, params)
         return token is not None and token == self.world.token
+
+    # -- GraphQL ----------------------------------------------------------------------------------
+
+    def _read_graphql(self, handler: _Handler, params: _Params) -> GraphQLRequest | None:
+        """The GraphQL request of a POST body (or a GET's query string); None when it was answered
+        (a body too big or without a length, or not readable as a request)."""
+        body = b""
+        if handler.command == "POST":
+            raw_length = handler.headers.get("Content-Length")
+            if raw_length is None or not raw_length.strip().isdigit():
+                handler.close_connection = True
+                handler.send_json(411, {"errors": [{"message": "Length Required"}]})
+                return None
+            length = int(raw_length)
+            if length > _MAX_GRAPHQL_BODY:
+                _drain(handler, length)  # read and dropped in chunks: memory stays bounded
+                handler.send_json(413, {"errors": [{"message": "Request Entity Too Large"}]})
+                return None
+            body = handler.rfile.read(length)
+        try:
+            return read_request(body, handler.headers.get("Content-Type", ""), params.pairs)
+        except GraphQLBadRequest as bad:
+            handler.send_json(bad.answer.status, bad.answer.payload)
+            return None
+
+    def _answer_graphql(
+        self, handler: _Handler, request: GraphQLRequest, params: _Params, rate_headers: dict[str, str]
+    ) -> None:
+        """GraphqlController#execute (app/controllers/graphql_controller.rb): no route when GraphQL is off
+        (Rails' 404 page), a present but unknown token is a 401 ``Invalid token``, no token at all is an
+        anonymous request; then the query itself (:meth:`GraphQLService.answer`)."""
+        if self.graphql.faults.disabled or not self._graphql_ready():
+            self._note_fault("graphql_disabled", "graphql", "no /api/graphql route")
+            headers = {**rate_headers, "Content-Type": "text/html; charset=utf-8"}
+            handler.send_body(404, _NOT_FOUND_PAGE, headers)
+            return
+        token = self._token(handler, params)
+        if token is not None and token != self.world.token:
+            self._note_fault("unauthorized", "graphql", "bad token")
+            handler.send_json(401, {"errors": [{"message": "Invalid token"}]}, rate_headers)
+            return
+        base = (self.world.external_url or self.url).rstrip("/")
+        answer = self.graphql.answer(request, anonymous=token is None, base_url=base)
+        if answer.fault is not None:
+            self._note_fault(answer.fault.split(" ", 1)[0], "graphql", answer.fault)
+        handler.send_json(answer.status, answer.payload, rate_headers)
+
+    def _graphql_ready(self) -> bool:
+        """Whether graphql-core is installed; without it /api/graphql is absent (said once in the log)."""
+        try:
+            self.graphql.schema()
+        except GraphQLUnavailable as exc:
+            if not self._graphql_missing_logged:
+                self._graphql_missing_logged = True
+                logger.warning("GitLab simulator: /api/graphql answers 404: %s", exc)
+            return False
+        return True
 
     def _send_429(self, handler: _Handler, rate: _RateState, now: float, *, bare: bool) -> None:
         headers = {"Content-Type": "text/plain"}
@@ -1177,7 +1290,7 @@ class GitLabSimulator(LoopbackService):
             render = _Renderer(world, self.url)
             if endpoint == "version":
                 return {
-                    "version": GITLAB_VERSION,
+                    "version": world.gitlab_version,
                     "revision": "a8432a3e1f2",
                     "kas": {"enabled": True, "externalUrl": "wss://kas.gitlab.example.com",
                             "externalK8sProxyUrl": "https://kas.gitlab.example.com/k8s-proxy", "version": "19.5.0"},
@@ -1196,10 +1309,10 @@ class GitLabSimulator(LoopbackService):
                 data["prevent_sharing_groups_outside_hierarchy"] = False
                 # Deprecated but still sent by default: the group's own projects (not subgroups').
                 if params.boolean("with_projects", True):
-                    data["projects"] = [render.project(p) for p in world.projects.values()
-                                        if p.group_id == group.id and not p.deleted][:100]
-                    data["shared_projects"] = [render.project(p) for p in world.projects.values()
-                                               if group.id in p.shared_with_group_ids and not p.deleted][:100]
+                    data["projects"] = [render.project(p) for p in world.readable_projects()
+                                        if p.group_id == group.id][:100]
+                    data["shared_projects"] = [render.project(p) for p in world.readable_projects()
+                                               if group.id in p.shared_with_group_ids][:100]
                 return data, {}
             if endpoint == "group_projects":
                 return self._list_group_projects(render, self._group(args[0]), params, path, {"id": args[0]})
@@ -1306,7 +1419,7 @@ class GitLabSimulator(LoopbackService):
     def _list_projects(
         self, render: _Renderer, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
-        projects = [p for p in self.world.projects.values() if not p.deleted]
+        projects = self.world.readable_projects()
         if params.boolean("membership", False) or params.boolean("owned", False):
             projects = [p for p in projects if p.member]
         if params.boolean("owned", False):
@@ -1317,12 +1430,12 @@ class GitLabSimulator(LoopbackService):
         self, render: _Renderer, group: Group, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
         ids = set(self.world.subgroup_ids(group.id)) if params.boolean("include_subgroups", False) else {group.id}
-        projects = [p for p in self.world.projects.values() if p.group_id in ids and not p.deleted]
+        projects = [p for p in self.world.readable_projects() if p.group_id in ids]
         if params.boolean("with_shared", True):
             # Projects shared with this group (not with its subgroups).
             seen = {p.id for p in projects}
-            projects += [p for p in self.world.projects.values()
-                         if group.id in p.shared_with_group_ids and p.id not in seen and not p.deleted]
+            projects += [p for p in self.world.readable_projects()
+                         if group.id in p.shared_with_group_ids and p.id not in seen]
         return self._project_page(render, projects, params, path, route)
 
     def _project_page(
@@ -1363,7 +1476,8 @@ class GitLabSimulator(LoopbackService):
     def _list_pipelines(
         self, render: _Renderer, project: Project, params: _Params, path: str, route: dict[str, str]
     ) -> tuple[Any, dict[str, str]]:
-        """GET /projects/:id/pipelines, following Ci::PipelinesFinder step by step."""
+        """GET /projects/:id/pipelines: Grape's parameter checks, then Ci::PipelinesFinder
+        (:meth:`World.find_pipelines`, shared with GraphQL)."""
         scope = params.choice("scope", ("running", "pending", "finished", "branches", "tags"), None)
         status = params.choice("status", AVAILABLE_STATUSES, None)
         source = params.choice("source", PIPELINE_SOURCES, None)
@@ -1374,54 +1488,12 @@ class GitLabSimulator(LoopbackService):
         updated_before = params.moment("updated_before")
         created_after = params.moment("created_after")
         created_before = params.moment("created_before")
-        ref, sha, username, name = params.get("ref"), params.get("sha"), params.get("username"), params.get("name")
-
-        items = self.world.project_pipelines(project.id)
-        if source != "parent_pipeline":
-            # GitLab 17.0+: child pipelines only appear when asking for source=parent_pipeline.
-            items = [p for p in items if p.source != "parent_pipeline"]
-        if scope == "running":
-            items = [p for p in items if p.status == "running"]
-        elif scope == "pending":
-            items = [p for p in items if p.status == "pending"]
-        elif scope == "finished":
-            items = [p for p in items if p.status in COMPLETED_STATUSES]
-        elif scope in ("branches", "tags"):
-            # The newest pipeline per branch (or tag). Merge-request refs are not branches.
-            newest: dict[str, Pipeline] = {}
-            for p in items:
-                is_branch = not p.tag and not p.ref.startswith("refs/")
-                if (scope == "tags" and p.tag) or (scope == "branches" and is_branch):
-                    if p.ref not in newest or p.id > newest[p.ref].id:
-                        newest[p.ref] = p
-            items = list(newest.values())
-        if status:
-            items = [p for p in items if p.status == status]
-        if ref:
-            items = [p for p in items if p.ref == ref]
-        if sha:
-            items = [p for p in items if p.sha == sha]
-        if username:
-            items = [p for p in items if p.user is not None and p.user.get("username") == username]
-        if yaml_errors is not None:
-            items = [p for p in items if (p.yaml_errors is not None) == yaml_errors]
-        # Compared at the stored microsecond precision. updated_* are INCLUSIVE: Ci::Pipeline includes
-        # UpdatedAtFilterable (app/models/concerns/updated_at_filterable.rb: updated_at.gteq / .lteq).
-        # created_* are EXCLUSIVE: Ci::Pipeline's own scopes (app/models/ci/pipeline.rb:
-        # ``created_after: arel_table[:created_at].gt(time)``, ``created_before: ....lt(time)``), which
-        # CreatedAtFilter (app/finders/concerns/created_at_filter.rb) calls.
-        if updated_after:
-            items = [p for p in items if p.updated_at >= updated_after]
-        if updated_before:
-            items = [p for p in items if p.updated_at <= updated_before]
-        if created_after:
-            items = [p for p in items if p.created_at > created_after]
-        if created_before:
-            items = [p for p in items if p.created_at < created_before]
-        if source:
-            items = [p for p in items if p.source == source]
-        if name:
-            items = [p for p in items if p.name == name]
+        items = self.world.find_pipelines(
+            project.id, scope=scope, status=status, ref=params.get("ref"), sha=params.get("sha"),
+            username=params.get("username"), yaml_errors=yaml_errors, updated_after=updated_after,
+            updated_before=updated_before, created_after=created_after, created_before=created_before,
+            source=source, name=params.get("name"),
+        )
 
         def sort_key(p: Pipeline) -> tuple[Any, ...]:
             value: Any = {
@@ -1548,6 +1620,15 @@ class GitLabSimulator(LoopbackService):
                 handler.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _drain(handler: _Handler, length: int) -> None:
+    """Read and drop ``length`` bytes of request body, so the connection stays usable."""
+    while length > 0:
+        chunk = handler.rfile.read(min(length, 65536))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 def _trace_chunks(log: Any, stop_after: int | None) -> Iterator[bytes]:

@@ -2,9 +2,10 @@
 
 A :class:`World` is plain data plus the mutations a poller must survive (a pipeline finishing late,
 being retried and finishing again, being touched without a status change, being deleted). It knows
-nothing of HTTP: :mod:`gitlab_log_shipper.sim.gitlab` renders it as GitLab's REST API. Tests build a
-world, start a simulator on it, and change it while the shipper runs; every mutation holds
-:attr:`World.lock`, which the HTTP handlers also hold while they read.
+nothing of HTTP: :mod:`gitlab_log_shipper.sim.gitlab` renders it as GitLab's REST API and
+:mod:`gitlab_log_shipper.sim.graphql` as its GraphQL API, both through the same finder
+(:meth:`World.find_pipelines`). Tests build a world, start a simulator on it, and change it while the
+shipper runs; every mutation holds :attr:`World.lock`, which the HTTP handlers also hold while they read.
 
 Ids are big realistic integers (pipelines from 2,900,000,000, jobs from 16,860,000,000, projects from
 87,089,000) so code that squeezes ids into 32 bits or floats fails here as it would on GitLab.com. Jobs
@@ -29,6 +30,7 @@ from .logs import Log, LogSpec
 __all__ = [
     "AVAILABLE_STATUSES",
     "COMPLETED_STATUSES",
+    "DEFAULT_GITLAB_VERSION",
     "FINISHED_STATUSES",
     "NEVER_RAN_STATUSES",
     "PIPELINE_SOURCES",
@@ -41,6 +43,7 @@ __all__ = [
     "Pipeline",
     "Project",
     "World",
+    "version_at_least",
 ]
 
 # Every status a pipeline or job can have (GitLab's Ci::HasStatus::AVAILABLE_STATUSES).
@@ -82,6 +85,11 @@ PROJECT_ID_START = 87_089_000
 GROUP_ID_START = 118_000_000
 USER_NAMESPACE_ID_START = 12_000_000
 DEFAULT_TOKEN = "glpat-sim-0123456789abcdef"
+# What GET /api/v4/version and GraphQL's ``metadata { version }`` report unless a World is given another.
+DEFAULT_GITLAB_VERSION = "19.5.0-pre"
+# GitLab 17.0 made Ci::PipelinesFinder list child pipelines for ``source=parent_pipeline`` (before, its
+# ``items.no_child`` ran unconditionally, so that filter found nothing): see World.find_pipelines.
+CHILD_LISTING_SINCE = (17, 0)
 _FALLBACK_EXTERNAL_URL = "https://gitlab.example.com"  # for user objects made before any server exists
 # add_pipeline(user=...) default: the world's current user (``user=None`` means a pipeline with no user).
 _CURRENT_USER: Any = object()
@@ -149,6 +157,10 @@ class Project:
     # ``can?(current_user, :read_build, pipeline)`` fails; app/finders/ci/jobs_finder.rb).
     jobs_hidden: bool = False
     deleted: bool = False  # World.delete_project(): 404 everywhere afterwards
+    # The token's user cannot read it (a private project of someone else's): REST answers 404 "Project Not
+    # Found" as GitLab does for a project you may not see, lists leave it out, and GraphQL's
+    # ``projects(ids:)`` silently omits it (ProjectsFinder only returns projects visible to the user).
+    hidden: bool = False
 
 
 @dataclass
@@ -256,8 +268,16 @@ class Bridge:
 class World:
     """Everything the simulated GitLab knows. Mutations hold :attr:`lock` and stamp ``updated_at``."""
 
-    def __init__(self, token: str = DEFAULT_TOKEN, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        token: str = DEFAULT_TOKEN,
+        clock: Callable[[], datetime] | None = None,
+        gitlab_version: str = DEFAULT_GITLAB_VERSION,
+    ) -> None:
         self.token: str = token
+        # The version this GitLab reports (REST /version, GraphQL metadata). Behaviour that changed between
+        # releases follows it: child pipelines are listed with source=parent_pipeline from 17.0 only.
+        self.gitlab_version: str = gitlab_version
         self.lock = threading.RLock()
         self._clock: Callable[[], datetime] = clock or _utcnow
         # GitLab's external_url: the base of every web_url in the API. None: the simulator's own url,
@@ -399,7 +419,7 @@ class World:
                 path_with_namespace = f"{owner['username']}/{path}"
                 name_with_namespace = f"{owner['name']} / {display}"
                 namespace_id, kind = owner["namespace_id"], "user"
-            if self.find_project(path_with_namespace) is not None:
+            if self._lookup_project(path_with_namespace) is not None:
                 raise ValueError(f"project {path_with_namespace!r} exists")
             for gid in shared_with_group_ids:
                 self._group(gid)
@@ -425,7 +445,26 @@ class World:
             return project
 
     def find_project(self, ref: str | int) -> Project | None:
-        """A project by id or by full path (case-insensitive, as GitLab routes are)."""
+        """A project the token may read, by id or by full path (case-insensitive, as GitLab routes are);
+        None for an unknown, deleted or hidden one (GitLab answers all three with the same 404)."""
+        project = self._lookup_project(ref)
+        return project if project is not None and self.readable(project) else None
+
+    def readable(self, project: Project) -> bool:
+        """Whether the token may read the project: it exists (not deleted) and is not hidden."""
+        return not project.deleted and not project.hidden
+
+    def readable_projects(self) -> list[Project]:
+        """The projects the token may read, in creation order."""
+        with self.lock:
+            return [p for p in self.projects.values() if self.readable(p)]
+
+    def hide_project(self, project_id: int, hidden: bool = True) -> None:
+        """Take the project out of the token's sight (or give it back): see :attr:`Project.hidden`."""
+        with self.lock:
+            self._project(project_id).hidden = hidden
+
+    def _lookup_project(self, ref: str | int) -> Project | None:
         with self.lock:
             if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
                 project = self.projects.get(int(ref))
@@ -804,6 +843,74 @@ class World:
             return [self.pipelines[i] for i in self._project_pipelines.get(project_id, ())
                     if not self.pipelines[i].deleted]
 
+    @property
+    def lists_child_pipelines(self) -> bool:
+        """Whether this GitLab lists child pipelines for ``source=parent_pipeline`` (17.0 and newer)."""
+        return version_at_least(self.gitlab_version, CHILD_LISTING_SINCE)
+
+    def find_pipelines(
+        self,
+        project_id: int,
+        *,
+        scope: str | None = None,
+        status: str | None = None,
+        ref: str | None = None,
+        sha: str | None = None,
+        username: str | None = None,
+        yaml_errors: bool | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        source: str | None = None,
+        name: str | None = None,
+    ) -> list[Pipeline]:
+        """A project's pipelines as ``Ci::PipelinesFinder#execute`` filters them (unsorted: oldest first).
+
+        The one finder behind both the REST list and GraphQL's ``Project.pipelines``, so the two always
+        agree. Its steps follow app/finders/ci/pipelines_finder.rb: ``prefiltered_pipelines`` drops child
+        pipelines (``no_child``) unless ``source == 'parent_pipeline'`` on GitLab 17.0+ (before 17.0 it
+        dropped them unconditionally, so that source filter found nothing); ``by_status`` and
+        ``by_source`` ignore a value that is not a known status or source (the REST API rejects those
+        with a 400 before calling the finder; GraphQL passes its String ``source`` through unchecked).
+        ``updated_*`` are INCLUSIVE: Ci::Pipeline includes UpdatedAtFilterable
+        (app/models/concerns/updated_at_filterable.rb: ``updated_at.gteq`` / ``.lteq``), reached through
+        UpdatedAtFilter (app/finders/concerns/updated_at_filter.rb), which finds nothing when
+        updated_before < updated_after. ``created_*`` are EXCLUSIVE (REST only): Ci::Pipeline's own scopes
+        (``created_after: arel_table[:created_at].gt(time)``, ``created_before: ....lt(time)``). Times
+        compare at the stored microsecond precision.
+        """
+        with self.lock:
+            items = self.project_pipelines(project_id)
+            if not (source == "parent_pipeline" and self.lists_child_pipelines):
+                items = [p for p in items if p.source != "parent_pipeline"]
+            items = _by_scope(items, scope)
+            if status in AVAILABLE_STATUSES:
+                items = [p for p in items if p.status == status]
+            if ref:
+                items = [p for p in items if p.ref == ref]
+            if sha:
+                items = [p for p in items if p.sha == sha]
+            if username:
+                items = [p for p in items if p.user is not None and p.user.get("username") == username]
+            if yaml_errors is not None:
+                items = [p for p in items if (p.yaml_errors is not None) == yaml_errors]
+            if updated_after is not None and updated_before is not None and updated_before < updated_after:
+                return []
+            if updated_after is not None:
+                items = [p for p in items if p.updated_at >= updated_after]
+            if updated_before is not None:
+                items = [p for p in items if p.updated_at <= updated_before]
+            if created_after is not None:
+                items = [p for p in items if p.created_at > created_after]
+            if created_before is not None:
+                items = [p for p in items if p.created_at < created_before]
+            if source in PIPELINE_SOURCES:
+                items = [p for p in items if p.source == source]
+            if name:
+                items = [p for p in items if p.name == name]
+            return items
+
     def pipeline_jobs(self, pipeline_id: int, include_retried: bool = False) -> list[Job]:
         """A pipeline's jobs, newest first (as GitLab lists them); only latest attempts by default."""
         with self.lock:
@@ -989,6 +1096,38 @@ class World:
             item.failure_reason = "script_failure" if status == "failed" else None
         else:
             item.failure_reason = _bridge_failure(status, item.downstream_pipeline_id)
+
+
+def version_at_least(version: str, minimum: tuple[int, int]) -> bool:
+    """Whether a GitLab version string (``17.5.0``, ``16.11.2-ee``, ``19.5.0-pre``) is at least
+    ``(major, minor)``. An unreadable version counts as new: the simulator's default behaviour."""
+    parts = version.split("-", 1)[0].split(".")
+    try:
+        major, minor = int(parts[0]), (int(parts[1]) if len(parts) > 1 else 0)
+    except ValueError:
+        return True
+    return (major, minor) >= minimum
+
+
+def _by_scope(items: list[Pipeline], scope: str | None) -> list[Pipeline]:
+    """Ci::PipelinesFinder#by_scope: running, pending, finished (Ci::HasStatus::COMPLETED_STATUSES, no
+    ``manual``), or the newest pipeline per branch / per tag; anything else leaves the list alone."""
+    if scope == "running":
+        return [p for p in items if p.status == "running"]
+    if scope == "pending":
+        return [p for p in items if p.status == "pending"]
+    if scope == "finished":
+        return [p for p in items if p.status in COMPLETED_STATUSES]
+    if scope in ("branches", "tags"):
+        # Merge-request refs are not branches.
+        newest: dict[str, Pipeline] = {}
+        for p in items:
+            is_branch = not p.tag and not p.ref.startswith("refs/")
+            if (scope == "tags" and p.tag) or (scope == "branches" and is_branch):
+                if p.ref not in newest or p.id > newest[p.ref].id:
+                    newest[p.ref] = p
+        return list(newest.values())
+    return items
 
 
 def _check_status(status: str) -> None:
