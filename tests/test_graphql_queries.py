@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gitlab_log_shipper.gitlab.graphql import (
-    BLOCK_MAX, MAX_COMPLEXITY, MAX_QUERY_CHARS, PROBE_QUERY, Probe, complexity, decide_api, detection_query,
+    BLOCK_MAX, MAX_COMPLEXITY, MAX_QUERY_CHARS, PROBE_QUERY, Probe, block_sizes, complexity, decide_api, detection_query,
     judge_probe,
 )
 
@@ -45,13 +45,33 @@ def test_probe_is_valid_for_gitlab(gitlab_schema: "graphql.GraphQLSchema") -> No
 
 
 def test_complexity_follows_gitlabs_formula() -> None:
-    # base_field.rb: a connection costs (child + 1) * (1 + 0.01 * limit). Pipelines: pageInfo (3) + nodes (1 + 8
-    # fields) = 12 children -> 13 * 2 = 26; a project: nodes + id + two connections = 54; a block of 100 projects:
-    # (pageInfo 3 + 54 + 1) * 2 = 116.
-    assert complexity([100], children=True) == 116
-    assert complexity([100, 100], children=True) == 232
-    assert complexity([50], children=True) == int(58 * 1.5)
-    assert complexity([100], children=False) == (3 + 28 + 1) * 2
+    # base_field.rb: a connection costs (children + resolver cost) * (1 + 0.01 * limit), truncated. A pipeline node:
+    # 8 fields + 1 (commit calls Gitaly) = 9; pipelines: (pageInfo 3 + nodes 10 + resolver 1 + Gitaly 1) * 2 = 30;
+    # a project: nodes + id + two connections = 62; a block of 100: (pageInfo 3 + 62 + 1) * 2 = 132.
+    assert complexity([100], children=True) == 132
+    assert complexity([90, 90], children=True) == 250
+    assert complexity([50], children=True) == int(66 * 1.5)
+    assert complexity([100], children=False) == (3 + 32 + 1) * 2
+
+
+@pytest.mark.parametrize("sizes", [[1], [37], [100], [90, 90], [67, 67, 66]])
+@pytest.mark.parametrize("children", [True, False])
+def test_our_complexity_is_the_simulators_count(sizes: list[int], children: bool) -> None:
+    # The simulator counts the query it receives, walking graphql-core's AST with the costs read from GitLab's source
+    # (written separately from this module): the two must agree, or batches would be refused or needlessly small.
+    from gitlab_log_shipper.sim.graphql import query_complexity
+
+    variables: dict = {}
+    for b, n in enumerate(sizes):
+        variables.update({f"ids{b}": [f"gid://gitlab/Project/{i}" for i in range(1, n + 1)], f"n{b}": n,
+                          f"t{b}": "2026-12-01T00:00:00.000Z"})
+    assert complexity(sizes, children=children) == query_complexity(detection_query(len(sizes), children=children), variables)
+
+
+def test_batches_are_cut_into_even_blocks() -> None:
+    assert block_sizes(0) == [] and block_sizes(1) == [1] and block_sizes(100) == [100]
+    assert block_sizes(101) == [51, 50] and block_sizes(180) == [90, 90] and block_sizes(250) == [84, 83, 83]
+    assert all(sum(block_sizes(n)) == n and max(block_sizes(n)) <= BLOCK_MAX for n in range(1, 1001))
 
 
 def test_detection_queries_of_the_largest_batch_fit_gitlabs_limits() -> None:
@@ -60,13 +80,12 @@ def test_detection_queries_of_the_largest_batch_fit_gitlabs_limits() -> None:
     detector = GraphQLDetector.__new__(GraphQLDetector)  # max_batch needs no server
     detector.children, detector.scale, detector.max_complexity = True, 1.0, MAX_COMPLEXITY
     most = detector.max_batch()
-    assert most == 2 * BLOCK_MAX  # two full blocks: 232; three would be 348
-    blocks = -(-most // BLOCK_MAX)
-    assert complexity([BLOCK_MAX] * blocks, children=True) <= MAX_COMPLEXITY
-    assert len(detection_query(blocks, children=True)) < MAX_QUERY_CHARS
+    assert most == 180  # two blocks of 90: 250; 181 projects would cost 251
+    assert complexity(block_sizes(most), children=True) <= MAX_COMPLEXITY < complexity(block_sizes(most + 1), children=True)
+    assert len(detection_query(len(block_sizes(most)), children=True)) < MAX_QUERY_CHARS
     detector.scale = 1.5  # GitLab said it counts more than we do: fewer projects per POST
     assert detector.max_batch() < most
-    assert complexity([detector.max_batch()], children=True) * 1.5 <= MAX_COMPLEXITY
+    assert complexity(block_sizes(detector.max_batch()), children=True) * 1.5 <= MAX_COMPLEXITY
 
 
 def _probe_answer(version: str | None = "17.5.0", *, pipeline_fields=("id", "iid", "status", "updatedAt", "user", "commit"),

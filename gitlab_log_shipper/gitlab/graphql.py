@@ -10,9 +10,9 @@ come from REST (float durations, millisecond times: the document does not change
 
 GitLab behaviours this relies on (GitLab's source, ``gitlabhq/gitlabhq``):
 
-* The complexity of a query is computed before it runs (``app/graphql/types/base_field.rb``): 1 per field, and a
-  connection field costs ``(child complexity + 1) * (1 + 0.01 * limit)``, ``limit`` = ``first`` capped at the page
-  size (100). A signed-in user may send 250 (``GitlabSchema::AUTHENTICATED_MAX_COMPLEXITY``), at most 10,000
+* The complexity of a query is computed before it runs (``app/graphql/types/base_field.rb``): 1 per field (2 for
+  one that calls Gitaly), and a connection field costs ``(child complexity + resolver cost) * (1 + 0.01 * limit)``,
+  ``limit`` = ``first`` capped at the page size (100). A signed-in user may send 250 (``GitlabSchema::AUTHENTICATED_MAX_COMPLEXITY``), at most 10,000
   characters of query text (``GraphqlController``), and a query runs at most 30 s. :func:`complexity` computes
   the cost of our query the same way; when GitLab's error names another number, the estimate is corrected.
 * Errors may come with HTTP 200: ``{"errors": [...], "data": {...}}``, a path naming the alias that failed.
@@ -109,14 +109,29 @@ class _Batch:
 
 
 def complexity(blocks: list[int], *, children: bool) -> int:
-    """GitLab's complexity of our detection query with blocks of these many projects (see the module docstring)."""
-    def connection(child: int, limit: int) -> int:
-        return int((child + 1) * (1 + 0.01 * min(limit, PAGE_SIZE)))
+    """GitLab's complexity of our detection query with blocks of these many projects.
+
+    ``Types::BaseField``: a plain field costs 1, 2 when it calls Gitaly (``Pipeline.commit``); a connection with a
+    resolver costs ``(children + resolver cost) * (1 + 0.01 * limit)``, truncated, ``limit`` = ``first`` capped at
+    100; the resolver cost is 1, plus 1 for ``Project.pipelines`` (it calls Gitaly)."""
+    def connection(child: int, resolver: int, limit: int) -> int:
+        return int((child + resolver) * (1 + 0.01 * min(limit, PAGE_SIZE)))
 
     page_info = 3  # pageInfo { hasNextPage endCursor }
-    pipelines = connection(page_info + 1 + NODE_FIELD_COUNT, PAGE_SIZE)
+    node = NODE_FIELD_COUNT + 1  # + 1: commit calls Gitaly
+    pipelines = connection(page_info + 1 + node, 2, PAGE_SIZE)  # + 1: nodes
     project = 1 + 1 + pipelines * (2 if children else 1)  # nodes { id all children }
-    return sum(connection(page_info + project, size) for size in blocks)
+    return sum(connection(page_info + project, 1, size) for size in blocks)
+
+
+def block_sizes(projects: int) -> list[int]:
+    """Projects per projects(ids:) block for a batch: as few blocks as 100 per block allows, evenly filled (the
+    complexity of a block grows with its ``first``, so two blocks of 90 cost less than one of 100 and one of 80)."""
+    if projects <= 0:
+        return []
+    count = -(-projects // BLOCK_MAX)
+    base, extra = divmod(projects, count)
+    return [base + 1] * extra + [base] * (count - extra)
 
 
 def detection_query(blocks: int, *, children: bool, follow: str | None = None) -> str:
@@ -337,11 +352,13 @@ class GraphQLDetector:
         return low
 
     def _complexity(self, projects: int) -> int:
-        sizes = [BLOCK_MAX] * (projects // BLOCK_MAX) + ([projects % BLOCK_MAX] if projects % BLOCK_MAX else [])
-        return complexity(sizes, children=self.children)
+        return complexity(block_sizes(projects), children=self.children)
 
     def _send(self, batch: _Batch) -> dict[int, Detected]:
-        blocks = [batch.wanted[i : i + BLOCK_MAX] for i in range(0, len(batch.wanted), BLOCK_MAX)]
+        blocks, at = [], 0
+        for size in block_sizes(len(batch.wanted)):
+            blocks.append(batch.wanted[at : at + size])
+            at += size
         variables: dict[str, Any] = {}
         for b, block in enumerate(blocks):
             variables[f"ids{b}"] = [f"{PROJECT_GID}{project_id}" for project_id, _ in block]
@@ -527,4 +544,4 @@ def _row(node: dict[str, Any], what: str) -> dict[str, Any]:
     return {"id": pipeline_id, "iid": node.get("iid"), "status": status.lower(), "updated_at": updated}
 
 
-__all__ = ["ApiChoice", "decide_api", "Detected", "GraphQLDetector", "GraphQLUnusable", "Probe", "complexity", "detection_query", "judge_probe"]
+__all__ = ["ApiChoice", "block_sizes", "decide_api", "Detected", "GraphQLDetector", "GraphQLUnusable", "Probe", "complexity", "detection_query", "judge_probe"]
