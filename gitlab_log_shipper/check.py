@@ -112,8 +112,8 @@ def _detection(config: Config, source: GitLabSource) -> Check:
                          "its first cycle and lists with REST meanwhile", warning=True)
     choice = decide_api(config.gitlab_api, probe, children=config.poll_child_pipelines)
     if choice.mode == "graphql":
-        detail = (f"GraphQL (GITLAB_API={config.gitlab_api}): {choice.reason}; a few requests per cycle for all "
-                  f"projects, every {config.effective_poll_interval_graphql:g} s")
+        detail = (f"GraphQL ({choice.reason}); a few requests per cycle for all projects, every "
+                  f"{config.effective_poll_interval_graphql:g} s")
     else:
         per_project = 2 if config.poll_child_pipelines else 1
         detail = (f"REST ({choice.reason}); {per_project} request(s) per project and cycle, every "

@@ -543,10 +543,10 @@ class Shipper:
             base.outcome = UNFINISHED
             return base
         seen = self.state.seen(project.id, pipeline_id)
-        if waiting is None and seen and seen.list_status == status and seen.list_updated_at == updated_at:
+        if waiting is None and seen and seen.list_status == status and _same_time(seen.list_updated_at, updated_at):
             return base
-        if (waiting is not None and waiting.list_row == (status, updated_at)
-                and parse_ts(waiting.next_attempt_at) > self.clock()):
+        if (waiting is not None and waiting.list_row is not None and waiting.list_row[0] == status
+                and _same_time(waiting.list_row[1], updated_at) and parse_ts(waiting.next_attempt_at) > self.clock()):
             base.outcome = RETRY_WAITING  # the same row failed before; a row that moved is a new state: tried now
             base.reason = waiting.reason
             return base
@@ -1006,6 +1006,22 @@ def _all_results(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iter
     if error is not None:
         raise error
     return results
+
+
+def _same_time(recorded: str | None, listed: str) -> bool:
+    """Whether a listed ``updated_at`` is the one recorded. What is recorded comes from the pipeline GET (milliseconds);
+    GraphQL lists whole seconds (GitLab's ``Time`` type drops the fraction), so a listed time without a fraction
+    matches the recorded one's second. (Two updates within one second that leave the status as it was cannot be
+    told apart that way; GraphQL shows nothing finer.)"""
+    if recorded is None:
+        return False
+    if recorded == listed:
+        return True
+    try:
+        then, now = parse_ts(recorded), parse_ts(listed)
+    except ValueError:
+        return False
+    return now.microsecond == 0 and then.replace(microsecond=0) == now
 
 
 def _without_prefix(message: str, ref: object) -> str:

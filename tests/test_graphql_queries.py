@@ -102,7 +102,7 @@ def test_the_probe_gates_on_what_gitlab_shows() -> None:
     assert judge_probe(_probe_answer(), want_children=True) == Probe(
         True, "GitLab 17.5.0: GraphQL has every field detection needs", "17.5.0", True)
     old = judge_probe(_probe_answer("16.11.3-ee"), want_children=True)
-    assert old.usable and not old.children and "before GitLab 17.0" in old.reason
+    assert old.usable and not old.children
     assert not judge_probe(_probe_answer(pipeline_fields=("id", "status")), want_children=True).usable
     assert not judge_probe(_probe_answer(pipelines_args=("first",)), want_children=True).usable
     assert "token" in judge_probe(_probe_answer(user=False), want_children=True).reason
@@ -116,14 +116,13 @@ def test_gitlab_api_choice() -> None:
     old = judge_probe(_probe_answer("16.11.0"), want_children=True)
     broken = Probe(False, "GitLab has no GraphQL API at /api/graphql (404)")
     assert decide_api("rest", new, children=True).mode == "rest"
-    assert decide_api("auto", new, children=True) == decide_api("graphql", new, children=True)
-    assert decide_api("auto", new, children=True).children
-    # auto never leaves child pipelines out to save requests: REST lists them on a GitLab before 17.0
-    auto_old = decide_api("auto", old, children=True)
-    assert auto_old.mode == "rest" and auto_old.problem is None and "POLL_CHILD_PIPELINES=false" in auto_old.reason
-    assert decide_api("auto", old, children=False).mode == "graphql"
-    forced_old = decide_api("graphql", old, children=True)
-    assert forced_old.mode == "graphql" and not forced_old.children and "not shipped" in (forced_old.problem or "")
+    assert decide_api("auto", new, children=True).mode == decide_api("graphql", new, children=True).mode == "graphql"
+    assert decide_api("auto", new, children=True).children and decide_api("auto", new, children=True).problem is None
+    # Before 17.0 neither API lists child pipelines: GraphQL all the same, and the operator is told
+    for wanted in ("auto", "graphql"):
+        choice = decide_api(wanted, old, children=True)
+        assert choice.mode == "graphql" and not choice.children and "not shipped" in (choice.problem or "")
+    assert decide_api("auto", old, children=False).problem is None
     assert decide_api("auto", broken, children=True).mode == "rest"
     assert decide_api("auto", broken, children=True).problem is None
     forced_broken = decide_api("graphql", broken, children=True)

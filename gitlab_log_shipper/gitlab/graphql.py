@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+import requests
+
 from ..errors import GitLabSourceError
 from ..timeutil import format_ts, parse_ts
 from .rest import FUTURE_TOLERANCE, Listing, _date_header
@@ -190,10 +192,7 @@ def judge_probe(data: Mapping[str, Any] | None, *, want_children: bool) -> Probe
                             "arguments", version)
     release = version_tuple(version)
     children = release is not None and release >= (17, 0)
-    reason = f"GitLab {version}: GraphQL has every field detection needs"
-    if want_children and not children:
-        reason += "; but child pipelines cannot be listed with GraphQL before GitLab 17.0"
-    return Probe(True, reason, version, children)
+    return Probe(True, f"GitLab {version}: GraphQL has every field detection needs", version, children)
 
 
 @dataclass(frozen=True)
@@ -210,23 +209,21 @@ class ApiChoice:
 def decide_api(wanted: str, probe: Probe | None, *, children: bool) -> ApiChoice:
     """GITLAB_API (``auto``/``rest``/``graphql``) and what the probe showed → REST or GraphQL detection.
 
-    ``auto`` takes GraphQL only when the probe shows every field detection needs, and REST when child pipelines are
-    wanted (POLL_CHILD_PIPELINES) but GitLab cannot list them through GraphQL (before 17.0): nothing is left out to
-    save requests. ``graphql`` takes GraphQL whenever it works, saying that child pipelines are then not listed;
-    when GraphQL does not work at all it falls back to REST (polling with REST beats not polling) and says so."""
+    ``auto`` and ``graphql`` take GraphQL when the probe shows every field detection needs. Before GitLab 17.0
+    neither API lists child pipelines (``Ci::PipelinesFinder`` drops them before it applies ``source``, in REST and
+    GraphQL alike), so that is said, not a reason to pay REST's price. When GraphQL does not work, REST is used
+    (polling with REST beats not polling); with ``graphql`` that is a problem to report."""
     if wanted == "rest" or probe is None:
         return ApiChoice("rest", "GITLAB_API=rest")
     if not probe.usable:
         reason = f"GraphQL cannot be used: {probe.reason}"
         return ApiChoice("rest", reason, problem=f"GITLAB_API=graphql, but {reason}" if wanted == "graphql" else None)
+    reason = f"GITLAB_API={wanted}: {probe.reason}"
     if children and not probe.children:
-        if wanted == "graphql":
-            return ApiChoice("graphql", f"{probe.reason} (GITLAB_API=graphql)", children=False,
-                             problem=f"GitLab {probe.version}: child pipelines cannot be listed through GraphQL before "
-                                     "GitLab 17.0, so they are not shipped; GITLAB_API=auto or rest ships them")
-        return ApiChoice("rest", f"{probe.reason}; REST lists them (POLL_CHILD_PIPELINES=false would let GraphQL "
-                                 "detect changes, without child pipelines)")
-    return ApiChoice("graphql", probe.reason, children=children)
+        return ApiChoice("graphql", reason, children=False,
+                         problem=f"GitLab {probe.version or '(version unknown)'} cannot list child pipelines (REST and "
+                                 "GraphQL list them from GitLab 17.0 on), so they are not shipped")
+    return ApiChoice("graphql", reason, children=children)
 
 
 class GraphQLDetector:
@@ -264,9 +261,14 @@ class GraphQLDetector:
             body["variables"] = dict(variables)
 
         def send() -> Any:
-            # One retry of a transient error here; a batch that keeps failing is split by the caller instead of
-            # being retried ten times with growing sleeps as python-gitlab would.
-            return self.source.gl.http_request("post", self.url, post_data=body, max_retries=1, timeout=REQUEST_TIMEOUT)
+            # No retry of 5xx here: python-gitlab would wait for RateLimit-Reset (up to a minute, GitLab.com sends it
+            # on every answer) before each retry, and a batch that fails is better split and sent again at once by
+            # the caller. 429s are still waited for as python-gitlab does (obey_rate_limit).
+            try:
+                return self.source.gl.http_request("post", self.url, post_data=body, retry_transient_errors=False,
+                                                   timeout=REQUEST_TIMEOUT)
+            except requests.exceptions.ReadTimeout as exc:  # GitLab is there but slow with this batch
+                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:.0f} s") from exc
 
         self.requests += 1
         try:
@@ -325,6 +327,16 @@ class GraphQLDetector:
                 continue
             try:
                 results.update(self._send(batch))
+            except GraphQLUnusable:
+                raise
+            except GitLabSourceError as exc:
+                # GitLab unreachable, or the token refused: what was found so far stands; this batch and the rest
+                # wait for the next cycle (as every REST listing would fail now too), without more requests.
+                now = self.clock()
+                for left in [batch, *pending]:
+                    for project_id, _ in left.wanted:
+                        results[project_id] = Detected(project_id, now, error=str(exc))
+                break
             except _Split as split:
                 if len(batch.wanted) == 1:
                     project_id, _ = batch.wanted[0]
@@ -373,11 +385,10 @@ class GraphQLDetector:
         except GraphQLUnusable:
             raise
         except GitLabSourceError as exc:
-            if exc.status in (401, 403):
-                raise
-            raise _Split(str(exc)) from exc
+            if exc.status is None or exc.status in (401, 403):
+                raise  # GitLab cannot be reached, or refuses the token: smaller batches would not help
+            raise _Split(str(exc)) from exc  # 5xx, 413, 422 "Query too large": smaller batches may pass
         elapsed = self.monotonic() - began
-        self.timings.append((len(batch.wanted), elapsed))
         errors = data.get("errors")
         if errors:
             try:
@@ -397,6 +408,7 @@ class GraphQLDetector:
                     results[project_id] = Detected(project_id, started, error=f"{what}: {reason}; will retry next cycle")
                 continue
             results.update(self._read_block(answer[alias], block, started, date, what))
+        self.timings.append((len(batch.wanted), elapsed))  # answered batches only
         self._adapt(len(batch.wanted), elapsed)
         return results
 
