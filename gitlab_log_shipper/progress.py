@@ -44,7 +44,8 @@ class BackfillProgress(BackfillListener):
 
     Counts: ``found`` listed rows, of which ``outside_window`` came to rest outside the window; the others are
     the pipelines of the window (``total``), each ``shipped``, ``skipped`` or ``failed`` once handled (``done``).
-    At the end ``total == done`` unless the backfill was stopped (the rest were not started)."""
+    At the end ``total == done`` unless the backfill was stopped (the rest were not started, or cut short: a rerun
+    does them)."""
 
     def __init__(self, out: IO[str], err: IO[str], *, describe: Callable[[ShipResult], str],
                  interactive: bool | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -132,7 +133,7 @@ class BackfillProgress(BackfillListener):
                 f"{self.failed} failed")
         notes = []
         if stopped and self.total > self.done:
-            notes.append(f"{self.total - self.done} not started (stopped)")
+            notes.append(f"{self.total - self.done} not done, stopped: a rerun does them")
         if stopped and self.listing:
             notes.append("listing not finished")
         if self.outside_window:

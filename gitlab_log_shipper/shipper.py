@@ -870,11 +870,13 @@ class Shipper:
             if self.stop.is_set() or backlog.error is not None:
                 return  # not started: shipped by the next run
             result = self._backfill_pipeline(project, pipeline_id, list_row, window, force)
-            if result is not None:
+            if result is None:
+                if not self.stop.is_set():
+                    listener.outside()
+            elif not (self.stop.is_set() and result.outcome in TRY_AGAIN):
                 report.add(result)
                 listener.handled(result)
-            elif not self.stop.is_set():
-                listener.outside()
+            # else: cut short by the shutdown, so not on the retry list either: not done, the next run does it
         except BaseException as exc:  # noqa: BLE001 - raised by backfill() once the others are done
             backlog.fail(exc)
         finally:

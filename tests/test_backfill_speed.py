@@ -328,7 +328,7 @@ def test_a_signal_stops_the_backfill_within_seconds_and_a_rerun_ships_the_rest(
     assert took < STOP_BOUND, (took, printed)
     name = signal.Signals(signum).name
     assert f"stopped by {name}" in printed and "Traceback" not in printed
-    assert "not started (stopped)" in closing_line(printed), printed
+    assert "not done, stopped: a rerun does them" in closing_line(printed), printed
     late = [pipeline for pipeline, at in first_read.items() if at > signalled + 0.5]
     assert late == [], "pipelines started after the signal"
     delivered = keys_by_pipeline(receiver)

@@ -106,7 +106,7 @@ def test_eta_and_problem_lines() -> None:
     progress.finish(stopped=True)
     assert err.getvalue().endswith("\r\x1b[K")
     assert out.getvalue().splitlines()[-1] == ("backfill: 4 pipeline(s) in the window: 1 shipped, 1 skipped, 1 failed "
-                                               "(1 not started (stopped); 1 more listed came to rest outside it)")
+                                               "(1 not done, stopped: a rerun does them; 1 more listed came to rest outside it)")
     assert [eta_text(s) for s in (None, 5, 125, 7300)] == ["ETA …", "ETA 5 s", "ETA 2 min 05 s", "ETA 2 h 01 min"]
 
 
