@@ -853,9 +853,13 @@ class Shipper:
                 for pipeline_id, list_row in candidates:
                     if not backlog.admit((project.id, pipeline_id)):
                         return  # stopping (or a task failed): the rows not handed on are not started
-                    self._pipeline_pool.submit(self._backfill_task, project, pipeline_id, list_row, window, force,
-                                               report, listener, backlog)
                     handed += 1
+                    try:
+                        self._pipeline_pool.submit(self._backfill_task, project, pipeline_id, list_row, window, force,
+                                                   report, listener, backlog)
+                    except BaseException:  # the pool is shut down: its room back, or wait_idle would wait for ever
+                        backlog.release((project.id, pipeline_id))
+                        raise
             finally:
                 backlog.drop(len(candidates) - handed)
             if self.stop.is_set() or backlog.error is not None:

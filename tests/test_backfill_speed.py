@@ -9,6 +9,7 @@ fails against it; a wall time would depend on the machine).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from gitlab_log_shipper.gitlab.rest import PER_PAGE
 from gitlab_log_shipper.shipper import SHIPPED, BackfillListener, Shipper, ShipResult
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
+from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.world import JobSpec, Pipeline, World
 from gitlab_log_shipper.state import StateStore
 
@@ -360,3 +362,20 @@ def test_the_benchmark_backfill_row_is_printed(tmp_path: Path) -> Any:
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^backfill +[\d.]+ ", result.stdout, re.M), result.stdout
     assert re.search(r"^ratio: backfill is [\d.]+x the baseline's throughput", result.stdout, re.M), result.stdout
+
+
+def test_a_concurrent_dry_run_shows_each_document_whole_on_its_own_line(
+        tmp_path: Path, world: World, gitlab_sim: GitLabSimulator) -> None:
+    """Several pipelines are previewed at once now: each document (here ~0.5 MB, several write chunks) is still one
+    line of its own, never interleaved with another's."""
+    project = world.add_project("team/app").id
+    now = world.now()
+    ids = [world.add_pipeline(project, finished_at=now - timedelta(minutes=30, seconds=i), jobs=[
+        JobSpec(f"job-{j}", "test", "success", log=LogSpec(120_000, seed=10 * i + j)) for j in range(4)]).id
+        for i in range(8)]
+    env = make_env(tmp_path, gitlab_sim, None, CONCURRENCY="8")
+    result = env.invoke("backfill", "--since", "2h", "--dry-run", "--show-document")
+    assert result.exit_code == 0, result.stderr
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(doc["pipeline_id"] for doc in docs) == sorted(ids)
+    assert closing_line(result.stderr) == "backfill: 8 pipeline(s) in the window: 8 would ship, 0 skipped, 0 failed"
