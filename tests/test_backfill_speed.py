@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
@@ -353,7 +353,7 @@ def test_a_signal_stops_the_backfill_within_seconds_and_a_rerun_ships_the_rest(
     assert all(len(k) == 1 for k in keys.values()), "shipped twice"
 
 
-def test_the_benchmark_backfill_row_is_printed(tmp_path: Path) -> Any:
+def test_the_benchmark_backfill_row_is_printed() -> None:
     """bench/run.py runs `backfill` next to `run --once` and the naive loop (a smoke run: tiny, no latency)."""
     bench = Path(__file__).resolve().parent.parent / "bench" / "run.py"
     result = subprocess.run([sys.executable, str(bench), "--pipelines", "4", "--jobs", "2", "--log-size", "2000",
