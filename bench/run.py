@@ -4,6 +4,9 @@
     python bench/run.py --pipelines 80 --jobs 8 --log-size 100000 --latency 0.02 --big-jobs 10 --big-size 50M
     python bench/run.py --skip-big --shards 2 --concurrency 12   # two shipper processes, SHARD=0/2 and 1/2
 
+The same work is also shipped by ``backfill --since`` (a fresh state folder: nothing shipped before), which lists
+and ships at once with the same pools as ``run`` (issue 12: it used to find and ship one pipeline after another);
+its row and ratio are printed next to ``run --once``'s.
 With one shard, the shipper then runs ``--field-runs`` times with each ``DOCUMENT_FIELDS`` setting, and the CPU
 the enriched document's sections, failure excerpts and links cost is printed (least CPU of each).
 
@@ -129,6 +132,13 @@ def shipper_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project
     return [sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp / "empty.env"), "run", "--once"], env
 
 
+def backfill_command(tmp: Path, sim: GitLabSimulator, receiver: Receiver, project_ids: list[int], since: str,
+                     extra: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``backfill --since`` over the same projects, from a state folder of its own (so it ships everything)."""
+    command, env = shipper_command(tmp, sim, receiver, project_ids, extra)
+    return [*command[:-2], "backfill", "--since", since], env
+
+
 def naive_command(sim: GitLabSimulator, receiver: Receiver, project_ids: list[int], since: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, str(HERE / "naive.py"), sim.url, sim.world.token, ",".join(map(str, project_ids)), since,
             receiver.url], {}
@@ -174,13 +184,20 @@ def main() -> int:
             shards = [shipper_command(tmp, sim, receiver, project_ids, {**extra, "SHARD": f"{i}/{args.shards}"})
                       for i in range(args.shards)]
             shipper = run_process("shipper" if args.shards == 1 else f"shipper×{args.shards}", shards, sim, receiver)
+            backfills = [backfill_command(tmp, sim, receiver, project_ids, since, {**extra, "SHARD": f"{i}/{args.shards}"})
+                         for i in range(args.shards)]
+            backfill = run_process("backfill" if args.shards == 1 else f"backfill×{args.shards}", backfills, sim,
+                                   receiver)
             naive = run_process("naive", [naive_command(sim, receiver, project_ids, since)], sim, receiver)
             # per pipeline: its detail, its jobs pages, one trace per job; per project and cycle: the list
             # pages, twice (GitLab lists child pipelines only when asked with source=parent_pipeline)
             list_pages = 2 * args.shards * max(1, math.ceil(args.pipelines / args.shards / 100))
             minimum = 1 + math.ceil(args.jobs / 100) + args.jobs + list_pages / args.pipelines
-            report([shipper, naive], args.pipelines, log_bytes, minimum)
+            report([shipper, backfill, naive], args.pipelines, log_bytes, minimum)
             print(f"ratio: shipper is {naive.seconds / shipper.seconds:.1f}x the baseline's throughput")
+            print(f"ratio: backfill is {naive.seconds / backfill.seconds:.1f}x the baseline's throughput "
+                  f"({backfill.seconds / shipper.seconds:.2f}x the time of run --once; peak RSS "
+                  f"{backfill.peak_rss_mb:.0f} MB vs {naive.peak_rss_mb:.0f} MB)")
             if args.shards == 1 and args.field_runs:
                 # The same shipper with DOCUMENT_FIELDS=design against the default (enriched): what the sections,
                 # failure excerpts and links (issue 13) cost. On one thread and without latency (CPU that threads

@@ -211,8 +211,10 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
              dry_run: bool, show_document: bool) -> None:
     """Ship pipelines that finished in a past window, independent of the daemon's cursor.
 
-    On a terminal a progress line shows pipelines done/total and the time left; elsewhere each pipeline
-    gets a plain line.
+    Lists and ships at once, CONCURRENCY pipelines at a time, as `run` does. What was shipped is recorded:
+    a rerun over the same window ships only what is left (Ctrl-C stops within seconds, exit 130). On a
+    terminal a progress line shows pipelines done/found and the time left; elsewhere each pipeline gets a
+    plain line. A closing line counts shipped, skipped and failed; exit 1 when something was not delivered.
     """
     now = utcnow()
     since = _parse_when(since_text, "--since", now)
@@ -229,10 +231,9 @@ def backfill(ctx: click.Context, since_text: str, until_text: str | None, projec
                        + (" (dry run)" if dry_run else ""), err=True)
             progress = BackfillProgress(sys.stderr if show_document else sys.stdout, sys.stderr, describe=_describe)
             try:
-                report = shipper.backfill(since, until, projects, force=force, progress=progress,
-                                          planned=progress.planned)
+                report = shipper.backfill(since, until, projects, force=force, listener=progress)
             finally:
-                progress.finish()
+                progress.finish(stopped=signals.stop.is_set())
             record_run(shipper.state, shipper.config, report)
             _print_report(report, each=False, err=show_document)
             return 0 if report.complete else 1

@@ -51,6 +51,9 @@ class Preview:
         self.config = config
         self.show_document = show_document
         self.out = out
+        # Pipelines are previewed from the pool threads at once (run, and backfill since issue 12): one document is
+        # written in many chunks, which must not interleave with another's.
+        self._writing = threading.Lock()
 
     def __call__(self, document: Path, header: Mapping[str, Any], result: "ShipResult") -> None:
         size = document.stat().st_size
@@ -63,8 +66,8 @@ class Preview:
             targets.append(f"write {folder}")
         result.reason = " and ".join(targets)
         if self.show_document:
-            self.out.flush()
-            with open(document, encoding="utf-8") as source:
+            with self._writing, open(document, encoding="utf-8") as source:
+                self.out.flush()
                 shutil.copyfileobj(source, self.out)
-            self.out.write("\n")
-            self.out.flush()
+                self.out.write("\n")
+                self.out.flush()

@@ -897,71 +897,131 @@ class Shipper:
     # -- backfill and one-off posts -------------------------------------------------------------
 
     def backfill(self, since: datetime, until: datetime, projects: list[ProjectRef], *, force: bool = False,
-                 progress: Callable[[ShipResult], None] | None = None,
-                 planned: Callable[[int], None] | None = None) -> CycleReport:
+                 listener: BackfillListener | None = None) -> BackfillReport:
         """Ship what came to rest in [since, until], independent of the cursor; records what it shipped.
 
         Lists by ``updated_after=since`` (a pipeline's updated_at is never before it came to rest), then keeps those
         whose :func:`payload.rest_time` — ``finished_at``, or ``updated_at`` for skipped and manual pipelines, which
-        GitLab leaves without a finished_at — falls in the window. Finishes shipped before are skipped unless
-        ``force``. First finds them all (``planned`` is told how many), then ships them (``progress`` after each), so
-        that a terminal can show done/total and an ETA. What fails goes to the retry list, which the daemon works off.
-        """
-        report = CycleReport()
-        todo: list[tuple[ProjectRef, Mapping[str, Any], str | None]] = []
-        for project in projects:
-            if self.stop.is_set():
-                break
+        GitLab leaves without a finished_at — falls in the window. Finishes shipped before (the seen state the poll
+        path keeps) are skipped unless ``force``; a resend carries the same Idempotency-Key.
+
+        As fast as ``run``: the projects are listed on the project pool, a page at a time, while the rows listed
+        before are shipped on the pipeline pool (their logs on the trace pool), CONCURRENCY at a time. Between the
+        two sits a :class:`_Backlog` of ``2 × CONCURRENCY`` rows: a lister waits for room before it hands on a row,
+        so the rows held at once (``report.peak_held``) do not grow with the window. ``listener`` is told what
+        was found and what became of each pipeline (:class:`BackfillListener`).
+
+        On ``self.stop`` (SIGINT, SIGTERM) no page is fetched and no pipeline started any more; those in flight end
+        at their next log download (or by its deadline), are not recorded as shipped, and ship on a rerun. What
+        fails goes to the retry list, which the daemon works off; the report is then not ``complete``."""
+        report = BackfillReport()
+        listener = listener or BackfillListener()
+        backlog = _Backlog(2 * self.config.concurrency, self.stop)
+
+        def list_project(project: ProjectRef) -> None:
             try:
-                self._backfill_project(project, since, until, force, report, todo)
+                self._backfill_project(project, (since, until), force, report, listener, backlog)
             except GitLabSourceError as exc:
                 log.error("project %s: %s", project.id, _without_prefix(str(exc), project.id))
-                report.project_errors.append(f"{project.id}: {_without_prefix(str(exc), project.id)}")
-        if planned:
-            planned(len(todo))
-        for project, detail, shipped_finish in todo:
-            if self.stop.is_set():
-                break
-            row = (str(detail["status"]), str(detail["updated_at"])) if detail.get("updated_at") else None
-            before = self.state.retry_entry(project.id, int(detail["id"]))
-            result = self._keep_for_retry(self.ship(project, detail, shipped_finish=shipped_finish), row, before)
-            report.add(result)
-            if progress:
-                progress(result)
+                report.error(f"{project.id}: {_without_prefix(str(exc), project.id)}")
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the rest has stopped
+                backlog.fail(exc)
+
+        try:
+            _all_results(self._project_pool, list_project, projects)
+            if not self.stop.is_set() and backlog.error is None:
+                listener.listed_all()
+        finally:
+            backlog.wait_idle()  # nothing of this backfill runs on after it returned
+            report.peak_held = backlog.peak
+        if backlog.error is not None:
+            raise backlog.error
         return report
 
-    def _backfill_project(self, project: ProjectRef, since: datetime, until: datetime, force: bool,
-                          report: CycleReport, todo: list[tuple[ProjectRef, Mapping[str, Any], str | None]]) -> None:
-        listing = self.source.list_pipelines(project.id, since)
-        for row in listing.rows.values():
-            if self.stop.is_set():
-                return
-            pipeline_id = int(row["id"])
-            if row.get("status") not in FINISHED_STATUSES:
-                continue
-            if not self.status_allowed(str(row["status"])):
-                report.add(ShipResult(FILTERED, project.id, pipeline_id))
-                continue
+    def _backfill_project(self, project: ProjectRef, window: tuple[datetime, datetime], force: bool,
+                          report: BackfillReport, listener: BackfillListener, backlog: _Backlog) -> None:
+        """List one project's pipelines page by page (the next page only once this one's rows are handed on) and
+        hand each finished row to the pipeline pool. Unfinished rows are left for a later run; rows of a status
+        LOG_SAVE_PIPELINE_STATUS drops are counted as filtered without a request, as the poll path does."""
+        pages = self.source.pipeline_pages(project.id, window[0], children=self.config.poll_child_pipelines)
+        for page in pages:
+            backlog.hold(len(page.rows))
+            candidates: list[tuple[int, tuple[str, str]]] = []
+            for row in page.rows.values():
+                status = str(row.get("status"))
+                if status in FINISHED_STATUSES and self.status_allowed(status):
+                    candidates.append((int(row["id"]), (status, str(row["updated_at"]))))
+                elif status in FINISHED_STATUSES:
+                    report.add(ShipResult(FILTERED, project.id, int(row["id"])))
+            backlog.drop(len(page.rows) - len(candidates))
+            listener.found(len(candidates))
+            handed = 0
             try:
-                detail = self.source.get_pipeline(project.id, pipeline_id)
-            except GitLabSourceError as exc:
-                report.add(self._keep_for_retry(self._source_failure(project, pipeline_id, exc, None), None,
-                                                self.state.retry_entry(project.id, pipeline_id)))
-                continue
-            rested = rest_time(detail)
-            if detail.get("status") not in FINISHED_STATUSES or not rested:
-                continue
-            if not since <= parse_ts(rested) <= until:
-                continue
-            seen = self.state.seen(project.id, pipeline_id)
-            shipped = None if force or seen is None else seen.shipped_finish
-            finish = finish_of(detail, None)
-            legacy = (shipped is not None and finish is None and seen is not None and is_legacy_finish(shipped, detail)
-                      and seen.list_updated_at == detail.get("updated_at"))
-            if shipped is not None and (finish == shipped or legacy):
-                report.add(ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish))
-                continue
-            todo.append((project, detail, shipped))
+                for pipeline_id, list_row in candidates:
+                    if not backlog.admit((project.id, pipeline_id)):
+                        return  # stopping (or a task failed): the rows not handed on are not started
+                    handed += 1
+                    try:
+                        self._pipeline_pool.submit(self._backfill_task, project, pipeline_id, list_row, window, force,
+                                                   report, listener, backlog)
+                    except BaseException:  # the pool is shut down: its room back, or wait_idle would wait for ever
+                        backlog.release((project.id, pipeline_id))
+                        raise
+            finally:
+                backlog.drop(len(candidates) - handed)
+            if self.stop.is_set() or backlog.error is not None:
+                return
+
+    def _backfill_task(self, project: ProjectRef, pipeline_id: int, list_row: tuple[str, str],
+                       window: tuple[datetime, datetime], force: bool, report: BackfillReport,
+                       listener: BackfillListener, backlog: _Backlog) -> None:
+        """One listed row, on the pipeline pool. Its room in the backlog is given back whatever happens; an error
+        no pipeline-level handling knows (a state store that cannot be written) stops the backfill."""
+        try:
+            if self.stop.is_set() or backlog.error is not None:
+                return  # not started: shipped by the next run
+            result = self._backfill_pipeline(project, pipeline_id, list_row, window, force)
+            if result is None:
+                if not self.stop.is_set():
+                    listener.outside()
+            elif not (self.stop.is_set() and result.outcome in TRY_AGAIN):
+                report.add(result)
+                listener.handled(result)
+            # else: cut short by the shutdown, so not on the retry list either: not done, the next run does it
+        except BaseException as exc:  # noqa: BLE001 - raised by backfill() once the others are done
+            backlog.fail(exc)
+        finally:
+            backlog.release((project.id, pipeline_id))
+
+    def _backfill_pipeline(self, project: ProjectRef, pipeline_id: int, list_row: tuple[str, str],
+                           window: tuple[datetime, datetime], force: bool) -> ShipResult | None:
+        """The pipeline GET, the window, de-duplication, then :meth:`ship`. None: it did not come to rest in the
+        window (or is not at rest any more), or the backfill is stopping before it started."""
+        before = self.state.retry_entry(project.id, pipeline_id)
+        try:
+            detail = self.source.get_pipeline(project.id, pipeline_id)
+        except GitLabSourceError as exc:
+            if self.stop.is_set():
+                return None
+            return self._keep_for_retry(self._source_failure(project, pipeline_id, exc, list_row), list_row, before)
+        status, rested = str(detail.get("status")), rest_time(detail)
+        if status not in FINISHED_STATUSES or not rested or not window[0] <= parse_ts(rested) <= window[1]:
+            return None
+        row = (status, str(detail["updated_at"])) if detail.get("updated_at") else None
+        if not self.status_allowed(status):
+            return self._filtered(project, pipeline_id, status, row)
+        seen = self.state.seen(project.id, pipeline_id)
+        shipped = None if force or seen is None else seen.shipped_finish
+        finish = finish_of(detail, None)
+        legacy = (shipped is not None and finish is None and seen is not None and is_legacy_finish(shipped, detail)
+                  and seen.list_updated_at == detail.get("updated_at"))
+        if shipped is not None and (finish == shipped or legacy):
+            return ShipResult(DUPLICATE, project.id, pipeline_id, finish=finish or shipped)
+        if self.stop.is_set():
+            return None  # no new pipeline starts once stopping
+        # The row as the pipeline GET shows it is recorded with the shipment (as the poll path does), so the
+        # daemon's next listing of the same row makes no request for it.
+        return self._keep_for_retry(self.ship(project, detail, list_row=row, shipped_finish=shipped), row, before)
 
     def post_pipeline(self, pipeline_id: int, project_ref: str | None) -> ShipResult:
         """Ship one pipeline now, even if it was shipped before (a resend carries the same Idempotency-Key).
@@ -986,6 +1046,95 @@ class Shipper:
         row = (status, str(detail["updated_at"])) if detail.get("updated_at") else None
         before = self.state.retry_entry(project.id, pipeline_id)
         return self._keep_for_retry(self.ship(project, detail), row, before)
+
+
+@dataclass
+class BackfillReport(CycleReport):
+    """A backfill's counters. Unlike a cycle's report it keeps no :class:`ShipResult` per pipeline (a window of a
+    year would hold them all): the counts, the project errors and, for the retry list, the state store are what
+    is left. ``peak_held``: the most listed rows the backfill held at once (see :class:`_Backlog`)."""
+
+    peak_held: int = 0
+
+    def add(self, result: ShipResult) -> None:
+        with self._lock:
+            self.counts[result.outcome] += 1
+
+
+class BackfillListener:
+    """Told how a backfill goes (``progress.BackfillProgress`` draws it); every method is a no-op here. Called from
+    the pool threads, so an implementation must be thread-safe, quick, and must not raise.
+
+    Every ``found`` row ends in exactly one ``handled`` or ``outside`` call, unless the backfill was stopped first."""
+
+    def found(self, count: int) -> None:
+        """``count`` more listed rows are finished pipelines of an allowed status: each is read and, if it came to
+        rest in the window, shipped."""
+
+    def outside(self) -> None:
+        """One found row came to rest outside the window (or is not at rest any more): nothing to do for it."""
+
+    def handled(self, result: ShipResult) -> None:
+        """One found pipeline of the window was handled: shipped, skipped (shipped before, filtered, deleted in
+        GitLab) or not delivered (on the retry list, in the outbox, dead-lettered)."""
+
+    def listed_all(self) -> None:
+        """Every project was listed to its end: no more ``found``."""
+
+
+class _Backlog:
+    """Between a backfill's listers and its pipeline pool: at most ``limit`` rows handed on and not finished, so
+    that a lister waits (and fetches no further page) while the pool is busy, and memory does not grow with the
+    window. ``held`` counts the rows listed and not handled yet (a page waiting to be handed on included), ``peak``
+    its maximum. One pipeline is never handled twice at once: a row listed again while its first listing is still
+    handled (it moved while we paged) waits for it, and is then de-duplicated against what that one shipped."""
+
+    def __init__(self, limit: int, stop: threading.Event) -> None:
+        self._room = threading.Condition()
+        self._limit = limit
+        self._stop = stop
+        self._busy: set[tuple[int, int]] = set()
+        self.held = 0
+        self.peak = 0
+        self.error: BaseException | None = None
+
+    def hold(self, rows: int) -> None:
+        with self._room:
+            self.held += rows
+            self.peak = max(self.peak, self.held)
+
+    def drop(self, rows: int = 1) -> None:
+        with self._room:
+            self.held -= rows
+
+    def admit(self, key: tuple[int, int]) -> bool:
+        """Wait for room (and for another handling of the same pipeline to end); False when stopping."""
+        with self._room:
+            while len(self._busy) >= self._limit or key in self._busy:
+                if self._stop.is_set() or self.error is not None:
+                    return False
+                self._room.wait(0.1)  # the stop event cannot notify this condition: look again now and then
+            if self._stop.is_set() or self.error is not None:
+                return False
+            self._busy.add(key)
+            return True
+
+    def release(self, key: tuple[int, int]) -> None:
+        with self._room:
+            self._busy.discard(key)
+            self.held -= 1
+            self._room.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._room:
+            self.error = self.error or error
+            self._room.notify_all()
+
+    def wait_idle(self) -> None:
+        """Until every row handed on is finished (each ends by itself: reads and downloads have deadlines)."""
+        with self._room:
+            while self._busy:
+                self._room.wait(0.1)
 
 
 def _all_results(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], *,

@@ -20,7 +20,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import quote, urlsplit
 
 import gitlab
@@ -441,36 +441,63 @@ class GitLabSource:
 
     def list_pipelines(self, project_id: int, updated_after: datetime, *, children: bool = True) -> Listing:
         """Every pipeline row updated at or after ``updated_after`` (inclusive), child pipelines included unless
-        ``children=False`` (POLL_CHILD_PIPELINES; saves one request per project and cycle).
+        ``children=False`` (POLL_CHILD_PIPELINES; saves one request per project and cycle): the pages of
+        :meth:`pipeline_pages` merged into one :class:`Listing` (``gitlab_now`` is the Date of the first answer)."""
+        listing = Listing()
+        for page in self.pipeline_pages(project_id, updated_after, children=children):
+            for row in page.rows.values():
+                listing.add(row)
+            if listing.gitlab_now is None:
+                listing.gitlab_now = page.gitlab_now
+            listing.future += page.future
+            listing.requests += page.requests
+        return listing
+
+    def pipeline_pages(self, project_id: int, updated_after: datetime, *,
+                       children: bool = True) -> Iterator[Listing]:
+        """The rows of :meth:`list_pipelines` one page at a time, each page a :class:`Listing` of its own, fetched
+        only when the caller asks for it: a walk over a long window (``backfill`` over a year) holds one page, not
+        the window. A row that ends one page and starts the next (the bound is inclusive) is given once; a row
+        that moves while we page comes again on a later page with its newer ``updated_at`` (list_pipelines merges
+        the two, a walk over the pages sees both).
 
         Paged by keyset, not by offset: each request is the first page of ``updated_after=<bound>&order_by=updated_at
         &sort=asc``, and the next bound is the newest ``updated_at`` of that page. With offsets, a row deleted while
         a later page is fetched shifts every row behind it one place forward and the first row of the next page is
         never seen (GitLab's pipelines list has offset pagination only; ``Ci::PipelinesFinder#sort_items`` orders by
         the one column asked for). Here a deletion shifts nothing we rely on, and a row that moves while we page
-        gets a newer ``updated_at`` and comes again on a later page. Rows on the bound are listed again (the bound
-        is inclusive) and merged. Only when a whole page shares one ``updated_at`` (a bulk update of more than
-        PER_PAGE pipelines in the same millisecond) is that instant listed with offset pages, ordered by id.
-        Child pipelines are only listed with ``source=parent_pipeline`` (GitLab 17.0+), hence the second query.
+        gets a newer ``updated_at`` and comes again on a later page. Only when a whole page shares one ``updated_at``
+        (a bulk update of more than PER_PAGE pipelines in the same millisecond) is that instant listed with offset
+        pages, ordered by id, and given as one page. Child pipelines are only listed with ``source=parent_pipeline``
+        (GitLab 17.0+), hence the second query.
         """
-        listing = Listing()
         queries: list[dict[str, str]] = [{}, {"source": "parent_pipeline"}] if children else [{}]
         for extra in queries:
             what = f"listing {'child ' if extra else ''}pipelines of project {project_id}"
             bound = updated_after
+            given: dict[int, str] = {}  # id -> updated_at of the rows of the previous page (given already)
             while True:
-                rows = self._pipelines_page(project_id, {**extra, "updated_after": format_ts(bound)}, listing, what)
+                page = Listing()
+                rows = self._pipelines_page(project_id, {**extra, "updated_after": format_ts(bound)}, page, what)
                 for row in rows:
-                    listing.add(row)
+                    if given.get(int(row["id"])) != row["updated_at"]:
+                        page.add(row)
                 if len(rows) < PER_PAGE:
+                    yield page
                     break
                 newest = max(parse_ts(row["updated_at"]) for row in rows)
                 if newest > bound:
+                    given = {int(row["id"]): str(row["updated_at"]) for row in rows}
                     bound = newest
+                    yield page
                     continue
-                self._list_one_instant(project_id, extra, bound, listing, what)
+                self._list_one_instant(project_id, extra, bound, page, what)
+                for pipeline_id, updated_at in given.items():  # the previous page's rows of this instant
+                    if page.rows.get(pipeline_id, {}).get("updated_at") == updated_at:
+                        del page.rows[pipeline_id]
+                given = {}  # the next bound is past this instant: no row of it is listed again
                 bound += timedelta(milliseconds=1)
-        return listing
+                yield page
 
     def _pipelines_page(self, project_id: int, query: dict[str, str], listing: Listing, what: str) -> list[dict[str, Any]]:
         """One page of the pipelines list (the first unless ``query`` names one); notes GitLab's clock and rows
