@@ -13,7 +13,7 @@ the enriched document's sections, failure excerpts and links cost is printed (le
 Both contestants run as separate processes against the same simulated GitLab (every request delayed by
 ``--latency`` seconds, as a WAN would) and the same receiver (which only counts and hashes bodies). For
 each it prints wall time, pipelines/s, MB/s of logs, GitLab requests per pipeline and peak RSS
-(``ru_maxrss`` of the process, from wait4), then the ratios. A second round ships ONE pipeline of
+(``ru_maxrss`` of the process, from wait4 in a small launcher), then the ratios. A second round ships ONE pipeline of
 ``--big-jobs`` x ``--big-size`` logs (500 MB by default) and compares peak memory.
 With ``--shards N`` the pipelines are spread over N projects and the shipper runs as N processes at once
 (``SHARD=i/N``, a state folder each), as OPERATIONS.md describes scaling out; the time is until the last
@@ -88,6 +88,16 @@ def warm_up(world: World) -> None:
             job.log.sha256()
 
 
+# Each command runs under this small launcher, which reports its child's rusage on its last stderr line. Started
+# straight from this process, a child's ru_maxrss would be at least this process's own size (Linux keeps the
+# high-water mark across exec), and this process holds the simulated world.
+LAUNCHER = ("import os, subprocess, sys\n"
+            "proc = subprocess.Popen(sys.argv[1:])\n"
+            "_, status, u = os.wait4(proc.pid, 0)\n"
+            "print(f'RUSAGE {u.ru_maxrss} {u.ru_utime} {u.ru_stime} {u.ru_nivcsw}', file=sys.stderr)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_process(name: str, commands: list[tuple[list[str], dict[str, str]]], sim: GitLabSimulator, receiver: Receiver) -> Run:
     """Start the commands at once and wait for all; the time is until the last one ends. Peak RSS is the
     sum of each process's peak (an upper bound of what they held together)."""
@@ -98,21 +108,23 @@ def run_process(name: str, commands: list[tuple[list[str], dict[str, str]]], sim
     receiver.clear()
     own = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    procs = [subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs = [subprocess.Popen([sys.executable, "-c", LAUNCHER, *command], env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for command, env in commands]
     cpu = system = peak = 0.0
     switches = code = 0
     for proc in procs:
-        _, status, usage = os.wait4(proc.pid, 0)
         stderr = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+        _, status, _ = os.wait4(proc.pid, 0)
         proc.stderr.close() if proc.stderr else None
         if os.waitstatus_to_exitcode(status) != 0:
             code = os.waitstatus_to_exitcode(status)
             print(f"{name} exited {code}:\n{stderr[-2000:]}", file=sys.stderr)
-        cpu += usage.ru_utime + usage.ru_stime
-        system += usage.ru_stime
-        switches += usage.ru_nivcsw
-        peak += usage.ru_maxrss / 1024
+        maxrss, utime, stime, nivcsw = stderr.rstrip().rsplit("\n", 1)[-1].split()[1:]  # the launcher's line
+        cpu += float(utime) + float(stime)
+        system += float(stime)
+        switches += int(nivcsw)
+        peak += int(maxrss) / 1024
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     servers = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime

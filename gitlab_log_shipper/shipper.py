@@ -214,7 +214,8 @@ class Shipper:
         self._discovered_at: datetime | None = None
         # GITLAB_API: how changes are found. "rest" lists each project; "graphql" detects many projects per request
         # (gitlab/graphql.py). auto: decided by a probe of /api/graphql at the first cycle that reaches GitLab.
-        self.detector = GraphQLDetector(self.source, children=config.poll_child_pipelines, clock=clock)
+        self.detector = GraphQLDetector(self.source, children=config.poll_child_pipelines, clock=clock,
+                                        url=config.gitlab_url)
         self.api_mode: str | None = "rest" if config.gitlab_api == "rest" else None
         self.api_reason = "GITLAB_API=rest" if config.gitlab_api == "rest" else "not probed yet"
         self._probe_again_at: datetime | None = None

@@ -21,6 +21,9 @@ After a quiet period (the world stops, everything is healthy, a few cycles) the 
    statuses and log bytes); a job log GitLab did not serve may be empty with ``log_error`` set, and a
    pipeline whose jobs the token cannot read has no jobs and a ``warnings`` field (nothing else has one).
 
+Odd seeds find changes with GraphQL detection (``GITLAB_API=graphql``), even seeds with REST listing;
+``MODEL_API=rest|graphql`` runs every seed one way.
+
 ``MODEL_CONCURRENCY`` (default 1) is the shipper's CONCURRENCY. With 1 a seed replays exactly; above 1
 the order of HTTP exchanges (and so where a kill or an in-cycle change lands) varies from run to run.
 
@@ -124,6 +127,8 @@ class Model:
         self.n_steps = self.rng.randint(4, 22)
         self.n_step = 0
         self.skewed = self.rng.random() < 0.3  # a GitLab node whose clock runs ahead stamps some rows
+        # Odd seeds find changes with GraphQL detection, even seeds with REST listing (MODEL_API forces one)
+        self.api = os.environ.get("MODEL_API") or ("graphql" if seed % 2 else "rest")
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -174,6 +179,7 @@ class Model:
             "API_POST_TIMEOUT": "10",
             "OUTBOX_MAX_AGE": "60d",
             "LOG_SAVE_PIPELINE_STATUS": ",".join(self.filter) if self.filter else "all",
+            "GITLAB_API": self.api,
         }
         return load_config(None, env)
 
@@ -333,6 +339,14 @@ class Model:
                 if rows:
                     self.clock.advance(1)
                     mw.delete(rows[self.rng.randrange(min(len(rows), 50))])  # a row of an earlier page
+                return
+            follow_up = endpoint == "graphql" and '"after"' in str(params.get("variables"))
+            if follow_up and self.rng.random() < 0.7:  # GraphQL's next page of one project: a row of page 1 goes
+                project_ids = [p for p in self.projects if mw.project_pipelines(p)]
+                if project_ids:
+                    rows = mw.project_pipelines(self.rng.choice(project_ids))
+                    self.clock.advance(1)
+                    mw.delete(rows[self.rng.randrange(min(len(rows), 50))])
                 return
             if endpoint == "pipeline_jobs" and self.rng.random() < 0.5:
                 pid = int(args[1])

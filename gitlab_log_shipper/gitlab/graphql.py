@@ -232,7 +232,7 @@ class GraphQLDetector:
     Thread-safe for :meth:`email_of` (read by the pipeline workers); :meth:`detect` runs on one thread."""
 
     def __init__(self, source: "GitLabSource", *, children: bool, clock: Callable[[], datetime],
-                 batch: int = START_BATCH, max_complexity: int = MAX_COMPLEXITY,
+                 url: str | None = None, batch: int = START_BATCH, max_complexity: int = MAX_COMPLEXITY,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.source = source
         self.children = children
@@ -241,7 +241,7 @@ class GraphQLDetector:
         self.batch = batch
         self.max_complexity = max_complexity
         self.scale = 1.0  # GitLab's complexity / ours, learnt from a complexity error
-        self.url = f"{source.url}/api/graphql"
+        self.url = f"{url if url is not None else source.url}/api/graphql"  # GITLAB_URL's /api/graphql
         self.requests = 0  # POSTs sent (tests and the benchmark read it)
         self.last_requests = 0  # POSTs of the latest detect(), follow-up pages included (the cycle plan reads it)
         self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
@@ -447,13 +447,18 @@ class GraphQLDetector:
             if project_id not in since_of:
                 continue  # GitLab answered for a project we did not ask about: ignored
             listing = Listing(gitlab_now=date)
-            listing.requests = 0
-            for name in (CONNECTIONS if self.children else CONNECTIONS[:1]):
-                connection = node.get(name)
-                if not isinstance(connection, dict):
-                    raise GitLabSourceError(f"{what}: project {project_id} has no {name!r} connection in the answer")
-                self._add_rows(listing, connection, since_of[project_id], date, f"{what}: project {project_id}")
-                self._follow(listing, project_id, name, connection, since_of[project_id])
+            try:
+                for name in (CONNECTIONS if self.children else CONNECTIONS[:1]):
+                    connection = node.get(name)
+                    if not isinstance(connection, dict):
+                        raise GitLabSourceError(f"{what}: project {project_id} has no {name!r} connection in the answer")
+                    self._add_rows(listing, connection, since_of[project_id], date, f"{what}: project {project_id}")
+                    self._follow(listing, project_id, name, connection, since_of[project_id])
+            except GraphQLUnusable:
+                raise
+            except (GitLabSourceError, _Split) as exc:  # an odd answer or a failed next page: this project waits
+                results[project_id] = Detected(project_id, started, error=f"{exc}; will retry next cycle")
+                continue
             results[project_id] = Detected(project_id, started, listing)
         for project_id, _ in wanted:
             results.setdefault(project_id, Detected(project_id, started, missing=True))
