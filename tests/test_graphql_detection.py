@@ -296,3 +296,40 @@ def test_a_project_with_hundreds_of_changes_is_paged(tmp_path: Path, world: Worl
     shipped = set(_bodies(receiver))
     assert len(seen_posts) == 3  # the batch, then page 2 and page 3 of this project's pipelines
     assert shipped == ids - set(deleted)  # the deletion between two pages cost no other row
+
+
+_P = "gid://gitlab/Project/{pid}"
+_MALFORMED = [
+    "{not json",
+    "<html><body><h1>502 Bad Gateway</h1></body></html>",
+    "[1, 2]",
+    '{"errors": [{"message": "Internal server error"}]}',
+    '{"data": {"b0": {"nodes": "a string"}}}',
+    '{"data": {"b0": {"nodes": [{"id": "gid://gitlab/Project/{pid}", "all": {"nodes": [{"id": 5}]}}]}}}',
+    '{"data": {"b0": {"nodes": [{"id": "gid://gitlab/Project/{pid}", "all": {"nodes": [{"id": "gid://gitlab/Ci::Pipeline/7", '
+    '"status": null, "updatedAt": "yesterday"}]}, "children": {"nodes": []}}]}}}',
+    '{"data": {"b0": {"nodes": [{"id": "gid://gitlab/Project/{pid}", "all": "nothing", "children": {"nodes": []}}]}}}',
+    '{"data": {"b0": {"nodes": [{"id": "gid://gitlab/Project/{pid}", "all": {"pageInfo": {"hasNextPage": true}, '
+    '"nodes": []}, "children": {"nodes": []}}]}}}',
+]
+
+
+@pytest.mark.parametrize("body", _MALFORMED, ids=[b[:40] for b in _MALFORMED])
+def test_a_malformed_graphql_answer_is_logged_and_the_pipeline_found_next_cycle(
+        tmp_path: Path, world: World, gitlab_sim: GitLabSimulator, receiver: Receiver, body: str) -> None:
+    project = world.add_project("team/app")
+    shipper = _shipper(make_env(tmp_path, gitlab_sim, receiver, GITLAB_API="graphql").values)
+    try:
+        shipper.run_cycle()  # probe and first window
+        world.add_pipeline(project.id, status="success", jobs=_jobs(1))
+        gitlab_sim.inject("graphql", 200, count=1, headers={"Content-Type": "application/json"},
+                          body=body.replace("{pid}", str(project.id)))
+        report = shipper.run_cycle()
+        assert report.counts[SHIPPED] == 0 and len(report.project_errors) == 1, report.project_errors
+        [error] = report.project_errors
+        assert "\n" not in error and "Traceback" not in error
+        assert shipper.api_mode == "graphql"  # one odd answer is not GraphQL failing as a whole
+        report = shipper.run_cycle()  # its cursor stayed: found now
+        assert report.counts[SHIPPED] == 1 and not report.project_errors
+    finally:
+        shipper.close()
