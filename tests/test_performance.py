@@ -75,6 +75,15 @@ def test_throttle_caps_the_rate_and_waits_for_the_reset(caplog: pytest.LogCaptur
     # a pause of half a minute is said, with its reason (found when a benchmark run stalled 55 s without a word)
     assert [r.getMessage() for r in caplog.records] == [
         f"GitLab rate limit: 3 of 2000 requests left in this window; pausing {slept[0]:.0f} s until it resets"]
+    # another worker's answer from before the reset says 2 left, same window: it waits too, without a second line
+    reset_at = int(clock[0] - slept[0]) + 30
+    clock[0] -= slept[0]
+    throttle.observe({"RateLimit-Remaining": "2", "RateLimit-Reset": str(reset_at)})
+    with caplog.at_level(logging.WARNING, logger="gitlab_log_shipper.gitlab.throttle"):
+        throttle.before_request()
+    assert len(slept) == 2 and len(caplog.records) == 1
+    clock[0] += slept[-1]
+    slept[:] = slept[:1]
     throttle.before_request()
     assert len(slept) == 1  # the next answer tells the new budget; no second wait on stale numbers
     throttle.observe({"RateLimit-Remaining": "1", "RateLimit-Reset": str(int(clock[0]) + 3600)})

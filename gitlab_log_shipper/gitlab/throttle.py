@@ -47,6 +47,7 @@ class Throttle:
         self.remaining: int | None = None  # GitLab's RateLimit-Remaining from the latest answer
         self.limit: int | None = None
         self.reset_at: float | None = None  # Unix time
+        self._announced: float | None = None  # the reset whose pause was logged (one line per window, not per worker)
 
     def before_request(self) -> None:
         """Block until this request may go out."""
@@ -64,6 +65,10 @@ class Throttle:
                     budget_wait = min(until_reset, MAX_WAIT)
                     left, limit = self.remaining, self.limit
                     delay = max(delay, budget_wait)
+                    if self._announced == self.reset_at:
+                        budget_wait = 0.0  # said already for this window
+                    else:
+                        self._announced = self.reset_at
                     # assume the window resets: later requests should not all wait for the same reset
                     self.remaining = None
         if budget_wait >= LOG_WAIT:
