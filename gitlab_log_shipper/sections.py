@@ -36,7 +36,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["LogScanner", "ScanResult"]
 

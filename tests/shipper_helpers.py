@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jsonschema
+import pytest
 from click.testing import CliRunner, Result
 
 from gitlab_log_shipper.cli import main
@@ -148,3 +150,12 @@ def within(seconds: float, fn: Callable[[], Any], what: str = "") -> Any:
     if thread.is_alive():
         pytest.fail(f"still running after {seconds} s{': ' + what if what else ''}")
     return outcome.get("error", outcome.get("value"))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 20 ms; fail the test with ``what`` when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -33,7 +32,7 @@ from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.world import JobSpec, Pipeline, World
 from gitlab_log_shipper.state import StateStore
 
-from shipper_helpers import Env, by_pipeline, documents, make_env
+from shipper_helpers import Env, by_pipeline, documents, make_env, wait_until
 
 
 def recent(world: World, count: int, *, jobs: int = 2, project_id: int | None = None) -> list[Pipeline]:
@@ -286,14 +285,6 @@ def start_backfill(env: Env, output: Path, *args: str) -> "subprocess.Popen[byte
         return subprocess.Popen([sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(env.tmp / "empty.env"),
                                  "backfill", *args], env={**os.environ, **env.values}, stdout=out,
                                 stderr=subprocess.STDOUT)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 STOP_BOUND = 5.0  # seconds from the signal to the exit: the requests in flight end (0.15 s each), no new one starts

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -19,7 +18,7 @@ from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
 
-from shipper_helpers import Env, make_env
+from shipper_helpers import Env, make_env, wait_until
 
 # The shipper with two of its timings shortened, so that the tests take seconds: how long a write waits
 # for another process's lock, and how long the work in flight gets after a signal.
@@ -52,14 +51,6 @@ def finish(proc: "subprocess.Popen[str]", timeout: float) -> tuple[int, str, flo
         output, _ = proc.communicate()
         pytest.fail(f"still running {timeout} s later; it printed:\n{output}")
     return proc.returncode, output, time.monotonic() - started
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def assert_lock_free(env: Env) -> None:
