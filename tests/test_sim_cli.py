@@ -93,6 +93,22 @@ def test_gitlab_command_faults_and_sigint(servers: list[Server]) -> None:
     assert code == 0 and err == ""
 
 
+def test_gitlab_command_version_and_graphql_switches(servers: list[Server]) -> None:
+    server = Server("gitlab", "--port", "0", "--projects", "1", "--gitlab-version", "16.11.2-ee", expect=2)
+    servers.append(server)
+    headers = {"PRIVATE-TOKEN": server.env["GITLAB_TOKEN"]}
+    assert requests.get(f"{server.env['GITLAB_URL']}/api/v4/version", headers=headers, timeout=5).json()["version"] \
+        == "16.11.2-ee"
+    answer = requests.post(f"{server.env['GITLAB_URL']}/api/graphql", json={"query": "{ metadata { version } }"},
+                           headers=headers, timeout=5)
+    assert answer.status_code == 200 and answer.json()["data"]["metadata"]["version"] == "16.11.2-ee"
+    off = Server("gitlab", "--port", "0", "--projects", "1", "--no-graphql", expect=2)
+    servers.append(off)
+    answer = requests.post(f"{off.env['GITLAB_URL']}/api/graphql", json={"query": "{ metadata { version } }"},
+                           headers={"PRIVATE-TOKEN": off.env["GITLAB_TOKEN"]}, timeout=5)
+    assert answer.status_code == 404
+
+
 def test_receiver_command(servers: list[Server], tmp_path: Path) -> None:
     server = Server("receiver", "--port", "0", "--token", "rcv-token", "--dump-dir", str(tmp_path / "dump"),
                     expect=2)

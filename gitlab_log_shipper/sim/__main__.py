@@ -306,11 +306,14 @@ def main() -> None:
 @click.option("--drop-trace-after", type=click.IntRange(min=0), default=None,
               help="Hang up after this many bytes of a trace (once per job).")
 @click.option("--print-env", is_flag=True, help="Also print GITLAB_GROUPS/GITLAB_PROJECTS and SIM_EXPECTED_PIPELINES.")
+@click.option("--gitlab-version", default=None, help="The version GitLab reports (/version, GraphQL metadata); "
+              "before 17.0 child pipelines cannot be listed [19.5.0-pre].")
+@click.option("--no-graphql", is_flag=True, help="Answer 404 on /api/graphql, as a GitLab without GraphQL.")
 def gitlab(
     host: str, port: int, token: str | None, scenario: Path | None, projects: int | None, pipelines: int | None,
     jobs: int | None, log_size: int | None, seed: int | None, latency: float, error_rate: float,
     error_statuses: str, rate_limit: int | None, rate_limit_window: float, bare_429: bool,
-    drop_trace_after: int | None, print_env: bool,
+    drop_trace_after: int | None, print_env: bool, gitlab_version: str | None, no_graphql: bool,
 ) -> None:
     """Serve a simulated GitLab until SIGTERM/SIGINT."""
     generator = {"projects": projects, "pipelines": pipelines, "jobs": jobs, "log_size": log_size, "seed": seed}
@@ -327,6 +330,8 @@ def gitlab(
         world = generate_world(**{k: v if v is not None else defaults[k] for k, v in generator.items()})
     if token:
         world.token = token
+    if gitlab_version:
+        world.gitlab_version = gitlab_version
     try:
         statuses = tuple(int(s) for s in error_statuses.split(",") if s.strip())
     except ValueError as exc:
@@ -335,6 +340,7 @@ def gitlab(
     faults = Faults(latency=latency, error_rate=error_rate, error_statuses=statuses, rate_limit=rate_limit,
                     rate_limit_window=rate_limit_window, bare_429=bare_429, drop_trace_after=drop_trace_after)
     sim = GitLabSimulator(world, host=host, port=port, faults=faults).start()
+    sim.graphql.faults.disabled = no_graphql
     _emit("GITLAB_URL", sim.url)
     _emit("GITLAB_TOKEN", world.token)
     if print_env:
