@@ -244,9 +244,15 @@ def _receiver(config: Config) -> Check:
     if 300 <= status < 400:
         return Check("receiver", True, f"{base}); it redirects to {response.headers.get('Location')}: "
                      "the shipper does not follow redirects, set API_POST_URL to the final URL", warning=True)
+    if status in (404, 410):  # the path is wrong: every POST there would end in the dead-letter folder
+        return Check("receiver", False, f"{url}: HTTP {status} to a GET: nothing is there; every document would be "
+                     "dead-lettered: check the path in API_POST_URL")
     if status in (401, 403):
         return Check("receiver", True, f"{base}); it refused our credentials on a GET: check API_POST_AUTH_TOKEN "
                      "(--send-test proves it)", warning=True)
+    if status == 405:  # a POST-only endpoint refusing the GET: the path exists
+        return Check("receiver", True, f"{base}; 405 is fine: the endpoint takes POSTs only; --send-test posts a test "
+                     "document)")
     return Check("receiver", True, f"{base}; --send-test posts a test document)")
 
 

@@ -275,6 +275,11 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
 
         def work() -> int:
             results = delivery.redeliver(pipeline_id)
+            if pipeline_id is not None and not results:  # a typo'd id must not look like success
+                click.echo(f"no dead letter of pipeline {pipeline_id} could be redelivered (none in "
+                           f"{delivery.dead_letter_dir}, or its document is missing: see the log); "
+                           f"`status` lists the dead letters", err=True)
+                return 1
             for meta, post in results:
                 verdict = "delivered" if post.ok else f"still failing: {post.status or 'no answer'} {post.error or ''}".strip()
                 click.echo(f"pipeline {meta['pipeline_id']} (project {meta['project_id']}): {verdict}")

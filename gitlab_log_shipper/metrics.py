@@ -79,6 +79,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
            [("", _timestamp(cycle.get("finished_at")))])
     metric("last_cycle_project_errors", "gauge", "Projects the last cycle could not poll.",
            [("", cycle.get("project_errors"))])
+    metric("outbox_full", "gauge",
+           "1 when the last cycle found the outbox at OUTBOX_MAX_BYTES and took no new pipelines (a receiver problem; "
+           "not counted in last_cycle_project_errors).", [("", int(bool(cycle.get("outbox_full"))) if cycle else None)])
     metric("last_cycle_missing_projects", "gauge",
            "Configured projects or groups that GitLab reported deleted or invisible in the last cycle.",
            [("", len(cycle.get("missing_projects") or []) if cycle else None)])

@@ -126,12 +126,15 @@ class CycleReport:
     missing_projects: list[str] = field(default_factory=list)  # configured but deleted, renamed or not visible
     results: list[ShipResult] = field(default_factory=list)
     gitlab_unreachable: bool = False  # no project could be polled at all (GitLab down, token rejected)
+    # The outbox reached OUTBOX_MAX_BYTES, so no project was polled: the receiver's problem, not GitLab's, so it is
+    # not a project error (those page the GitLab-errors alert) but its own flag, metric and status line.
+    outbox_full: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
         """Everything found was delivered (or written) and nothing waits in the outbox."""
-        return not (self.project_errors or self.missing_projects or self.counts[FAILED] or self.counts[CHANGED]
+        return not (self.project_errors or self.missing_projects or self.outbox_full or self.counts[FAILED] or self.counts[CHANGED]
                     or self.counts[RETRY_WAITING] or self.counts[QUEUED_OUTCOME]
                     or self.counts[DEAD_LETTERED] or self.counts[OUTBOX_WAITING] or self.counts[OUTBOX_DEAD])
 
@@ -150,6 +153,8 @@ class CycleReport:
                                                     RETRY_WAITING, FILTERED, DUPLICATE, UNCHANGED, UNFINISHED, GONE,
                                                     *OUTBOX_COUNTS)
                  if self.counts[k]]
+        if self.outbox_full:
+            parts.append("outbox_full=1")
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
         if self.missing_projects:
@@ -359,7 +364,7 @@ class Shipper:
             report.counts[OUTBOX_DEAD] += drained[DEAD_LETTER]
             if self.delivery.outbox_full():
                 report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
-                report.project_errors.append("outbox full: new pipelines wait in GitLab")
+                report.outbox_full = True  # DeliveryManager.outbox_full logged why, with the way out
                 return
         try:
             projects = self.projects()

@@ -46,6 +46,7 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
             "summary": stats.get("last_cycle.summary", ""),
             "complete": stats.get("last_cycle.complete") == "1",
             "project_errors": int(stats.get("last_cycle.project_errors", "0")),
+            "outbox_full": stats.get("last_cycle.outbox_full") == "1",
             "first_error": stats.get("last_cycle.first_error") or None,
             "missing_projects": [line for line in stats.get("last_cycle.missing_projects", "").split("\n") if line],
         }
@@ -217,6 +218,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
     lines.append("last success:  " + (f"{success} ({_ago(_age(now, success))}): everything found was delivered"
                                       if success else "never (no cycle has delivered everything it found yet)"))
     outbox = snapshot["outbox"]
+    if cycle and cycle.get("outbox_full"):
+        lines.append("outbox full:   the last cycle took no new pipelines (OUTBOX_MAX_BYTES reached): they wait in "
+                     "GitLab until the receiver takes the outbox")
     if outbox["documents"]:
         lines.append(f"outbox:        {outbox['documents']} document(s), {_bytes(outbox['bytes'])}, oldest queued "
                      f"{outbox['oldest_queued_at']} ({_ago(outbox['oldest_age_seconds'])})")

@@ -1,0 +1,69 @@
+"""Issue 14, defects 3, 7 and 9: `check` fails what `run` would fail on, errors name a project once, an unknown
+dead letter is an error, a full outbox is not a GitLab error, and an unreachable GitLab says what is retried.
+Everything over the real CLI against the GitLab simulator and the receiver on loopback."""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+from gitlab_log_shipper.sim.gitlab import GitLabSimulator
+from gitlab_log_shipper.sim.receiver import Receiver, Reply
+from gitlab_log_shipper.sim.world import JobSpec, World
+
+from shipper_helpers import make_env
+from test_check import lines
+
+
+def test_receiver_answering_404_fails_the_check_and_405_passes(tmp_path: Path, world: World,
+                                                                gitlab_sim: GitLabSimulator, receiver: Receiver) -> None:
+    """A 404 means a wrong path: every POST would be rejected for good (dead-lettered). A 405 to the GET is what
+    a POST-only endpoint answers: the path exists."""
+    world.add_project("app")
+    env = make_env(tmp_path, gitlab_sim, receiver)
+    wrong_path = receiver.url.rsplit("/", 1)[0] + "/no-such-route"  # the receiver answers 404 off its path
+    result = env.invoke("check", API_POST_URL=wrong_path)
+    assert result.exit_code == 1, result.output
+    line = lines(result.output)["receiver"]
+    assert line.startswith("✗ ") and "HTTP 404 to a GET" in line and "dead-lettered" in line, line
+    result = env.invoke("check")
+    assert result.exit_code == 0, result.output
+    line = lines(result.output)["receiver"]
+    assert line.startswith("✓ ") and "HTTP 405 to a GET" in line and "405 is fine" in line, line
+
+
+def test_redeliver_of_an_unknown_pipeline_is_an_error(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator,
+                                                      receiver: Receiver) -> None:
+    env = make_env(tmp_path, gitlab_sim, receiver)
+    result = env.invoke("redeliver", "--pipeline-id", "424242")
+    assert result.exit_code == 1, result.output
+    assert "no dead letter of pipeline 424242" in result.output
+    assert env.invoke("redeliver").exit_code == 0  # all of none: nothing failed
+
+
+def _big_log(size: int) -> str:
+    """Text that gzip cannot shrink much, so that one document fills a 1 MiB outbox."""
+    rng = random.Random(14)
+    return "".join(rng.choices(string.ascii_letters + string.digits, k=size)) + "\n"
+
+
+def test_a_full_outbox_is_its_own_count_not_a_project_error(tmp_path: Path, world: World,
+                                                           gitlab_sim: GitLabSimulator) -> None:
+    """The receiver is down and the outbox has reached OUTBOX_MAX_BYTES: the cycle takes no new pipelines. That is
+    shown as outbox_full (summary, status, the gitlab_log_shipper_outbox_full gauge), not as a project error, which
+    would page whoever looks after GitLab."""
+    project = world.add_project("app")
+    world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log=_big_log(1_200_000))])
+    metrics = tmp_path / "shipper.prom"
+    with Receiver(script=lambda request: Reply(503, body="down")) as down:
+        env = make_env(tmp_path, gitlab_sim, down, OUTBOX_MAX_BYTES="1M", METRICS_TEXTFILE=str(metrics))
+        first = env.invoke("run", "--once")
+        assert "queued=1" in first.output, first.output
+        second = env.invoke("run", "--once")
+    assert "outbox_full=1" in second.output, second.output
+    assert "project error" not in second.output and "project_errors" not in second.output, second.output
+    text = metrics.read_text("utf-8")
+    assert "\ngitlab_log_shipper_outbox_full 1\n" in text and "\ngitlab_log_shipper_last_cycle_project_errors 0\n" in text
+    shown = env.invoke("status").output
+    assert "outbox full:" in shown and "project error" not in shown, shown
