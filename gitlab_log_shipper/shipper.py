@@ -635,16 +635,17 @@ class Shipper:
 
     def _source_failure(self, project: ProjectRef, pipeline_id: int, exc: GitLabSourceError,
                         list_row: tuple[str, str] | None) -> ShipResult:
+        reason = _without_prefix(str(exc), project.id, pipeline_id)  # the lines and `status` name the pipeline
         if exc.gone:
             log.warning("pipeline %s (project %s) was deleted in GitLab before it could be shipped: %s",
-                        pipeline_id, project.id, exc)
+                        pipeline_id, project.id, reason)
             if list_row:
                 self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
             else:
                 self.state.clear_retry(project.id, pipeline_id)
-            return ShipResult(GONE, project.id, pipeline_id, reason=str(exc))
-        log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
-        return ShipResult(FAILED, project.id, pipeline_id, reason=str(exc))
+            return ShipResult(GONE, project.id, pipeline_id, reason=reason)
+        log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, reason)
+        return ShipResult(FAILED, project.id, pipeline_id, reason=reason)
 
     def _write_filtered_metadata(self, project: ProjectRef, pipeline_id: int) -> None:
         """``LOG_SAVE_METADATA_ALWAYS``: a filtered pipeline still gets its metadata.json in the file output."""
@@ -707,8 +708,8 @@ class Shipper:
                 failure.finish, failure.idempotency_key = result.finish, result.idempotency_key
                 return failure
             result.outcome = FAILED
-            result.reason = str(exc)
-            log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
+            result.reason = _without_prefix(str(exc), project.id, pipeline_id)
+            log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, result.reason)
             return result
         finally:
             shutil.rmtree(spool, ignore_errors=True)
@@ -1179,12 +1180,27 @@ def _same_time(recorded: str | None, listed: str) -> bool:
     return now.microsecond == 0 and then.replace(microsecond=0) == now
 
 
-def _without_prefix(message: str, ref: object) -> str:
-    """``project 123: project 123: …`` reads badly: drop a leading repetition of what the line already names."""
+def _without_prefix(message: str, ref: object, pipeline: object | None = None) -> str:
+    """The error without what the line it goes into already names (``ref``, the project, and ``pipeline``).
+
+    GitLabSource's errors start with what was asked for (``listing pipelines of project 12: …``, ``jobs of
+    pipeline 7 (project 12): …``), and the shipper's lines start with the project or pipeline: written as they are,
+    a line names them twice (``project 12: listing pipelines of project 12: …``). Dropped: a leading ``project 12:``
+    (or ``12:``), and in the leading "what" the ``of project 12``, ``(project 12)`` and ``of pipeline 7``; a "what"
+    left as just ``pipeline 7`` goes as a whole."""
     for prefix in (f"project {ref}: ", f"{ref}: "):
         if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
+            message = message[len(prefix):]
+            break
+    what, sep, rest = message.partition(": ")
+    if not sep:
+        return message
+    repeats = [f" of project {ref}", f" (project {ref})"] + ([f" of pipeline {pipeline}"] if pipeline is not None else [])
+    for repeat in repeats:
+        what = what.replace(repeat, "")
+    if pipeline is not None and what == f"pipeline {pipeline}":
+        return rest
+    return f"{what}: {rest}"
 
 
 def _inconsistency(detail: Mapping[str, Any], jobs: list[dict[str, Any]]) -> str | None:

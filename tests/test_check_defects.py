@@ -5,6 +5,7 @@ Everything over the real CLI against the GitLab simulator and the receiver on lo
 from __future__ import annotations
 
 import random
+import re
 import string
 from pathlib import Path
 
@@ -67,3 +68,30 @@ def test_a_full_outbox_is_its_own_count_not_a_project_error(tmp_path: Path, worl
     assert "\ngitlab_log_shipper_outbox_full 1\n" in text and "\ngitlab_log_shipper_last_cycle_project_errors 0\n" in text
     shown = env.invoke("status").output
     assert "outbox full:" in shown and "project error" not in shown, shown
+
+
+def _doubled(line: str) -> list[str]:
+    """The project or pipeline ids a line names more than once (``project 12: listing pipelines of project 12``)."""
+    named = re.findall(r"\b(project|pipeline)[ =](\d+)\b", line) + [("project", n) for n in
+                                                                   re.findall(r"^project error: (\d+):", line)]
+    return sorted({f"{kind} {n}" for kind, n in named if named.count((kind, n)) > 1})
+
+
+def test_a_failing_cycle_names_each_project_and_pipeline_once(tmp_path: Path, world: World,
+                                                             gitlab_sim: GitLabSimulator, receiver: Receiver) -> None:
+    """Every line of failing cycles (the listing, the pipeline, its jobs; refused, and gone), the repeated-failure
+    warning, the CLI's error lines and `status`: none names the same project or pipeline twice."""
+    project = world.add_project("app")
+    world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    seen: list[str] = []
+    for endpoint, status in (("pipelines", 403), ("pipeline", 403), ("pipeline_jobs", 403), ("pipeline", 404)):
+        env = make_env(tmp_path / f"{endpoint}-{status}", gitlab_sim, receiver)
+        for _ in range(3):  # the third failure of a pipeline adds the "failed 3 times" warning
+            gitlab_sim.inject(endpoint, status)  # one request per cycle: the 404 (gone) is asked for once
+            result = env.invoke("run", "--once")
+            seen += result.output.splitlines()
+        seen += env.invoke("status").output.splitlines()
+    assert any("listing pipelines: forbidden (403)" in line for line in seen), "\n".join(seen)
+    assert any("failed 3 times" in line for line in seen) and any("deleted in GitLab" in line for line in seen)
+    doubled = [line for line in seen if _doubled(line)]
+    assert doubled == [], "\n".join(doubled)
