@@ -33,9 +33,8 @@ from .progress import BackfillProgress
 from .logsetup import setup_logging, stderr_is_journal
 from .security import startup_warnings, tightened_umask
 from .shipper import SHIPPED, WOULD_SHIP, CycleReport, ShipResult, Shipper
-from .state import MARKER_NAME, StateStore
 from .stats import record_run
-from .status import collect, empty, render
+from .status import render, snapshot as status_snapshot
 from .timeutil import parse_ts, utcnow
 
 log = logging.getLogger("gitlab_log_shipper")
@@ -337,19 +336,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Cursors, last shipments, outbox, dead letters, last cycle and totals, read from STATE_DIR (no network)."""
     config = _load(ctx, log_file=False)
     now = utcnow()
-    if not (config.state_dir / "state.sqlite3").is_file() and not (config.state_dir / MARKER_NAME).exists():
-        snapshot = empty(config)  # nothing ran yet (a store that was lost is an error: StateStore says so)
-    else:
-        try:
-            state = StateStore(config.state_dir)
-        except ShipperError as exc:
-            _fail(exc)
-        try:
-            snapshot = collect(config, state, now)
-        except ShipperError as exc:
-            _fail(exc)
-        finally:
-            state.close()
+    try:
+        snapshot = status_snapshot(config, now)
+    except ShipperError as exc:
+        _fail(exc)
     if as_json:
         click.echo(json.dumps(snapshot, indent=2))
     else:

@@ -14,6 +14,7 @@ file-only mode, where nothing is measured.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,29 @@ def _latency(timed: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+TEXTFILE_FOLDER_MODE = 0o755  # node_exporter runs as another user: it must be able to enter and list the folder
+
+
 def write_textfile(path: Path, text: str) -> None:
     """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644 so that
-    node_exporter, running as another user, can read it."""
-    atomic_write(Path(path), text.encode("utf-8"), mode=0o644, create_folders=False)  # the collector's folder
+    node_exporter, running as another user, can read it. Missing folders are created, mode 0755 whatever the
+    umask, like the shipper's other folders are created at start (and as ``check`` announces)."""
+    make_public_folders(Path(path).parent)
+    atomic_write(Path(path), text.encode("utf-8"), mode=0o644, create_folders=False)
+
+
+def make_public_folders(folder: Path) -> None:
+    """``mkdir -p`` with every folder it creates chmod-ed to 0755 (``mkdir``'s mode is cut by the umask, which
+    the shipper tightens to 077)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir()
+        except FileExistsError:  # made meanwhile by someone else, or a file: atomic_write then says so
+            continue
+        os.chmod(created, TEXTFILE_FOLDER_MODE)

@@ -4,9 +4,13 @@ Everything over the real CLI against the GitLab simulator and the receiver on lo
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import stat
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
@@ -95,3 +99,48 @@ def test_a_failing_cycle_names_each_project_and_pipeline_once(tmp_path: Path, wo
     assert any("failed 3 times" in line for line in seen) and any("deleted in GitLab" in line for line in seen)
     doubled = [line for line in seen if _doubled(line)]
     assert doubled == [], "\n".join(doubled)
+
+
+def _in_a_deleted_folder(tmp_path: Path, env: dict[str, str], *args: str) -> "subprocess.CompletedProcess[str]":
+    """The CLI as a process whose working folder was deleted after it entered it: every relative path (STATE_DIR=state)
+    then fails to resolve, as when the folder is unreadable to the service user (tests run as root, whom mode 000
+    does not stop)."""
+    folder = tmp_path / "gone"
+    folder.mkdir()
+
+    def enter_and_delete() -> None:
+        os.chdir(folder)
+        os.rmdir(folder)
+
+    (tmp_path / "empty.env").touch()
+    return subprocess.run([sys.executable, "-m", "gitlab_log_shipper", "--env-file", str(tmp_path / "empty.env"), *args],
+                          env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)}, preexec_fn=enter_and_delete,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_relative_state_dir_in_an_unreadable_working_folder_is_a_clear_error(tmp_path: Path, world: World,
+                                                                             gitlab_sim: GitLabSimulator) -> None:
+    world.add_project("app")
+    env = make_env(tmp_path, gitlab_sim, None, STATE_DIR="state", LOG_DIR="logs", LOG_OUTPUT_DIR="out").values
+    shown = _in_a_deleted_folder(tmp_path, env, "status")
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    assert "Traceback" not in shown.stderr and "STATE_DIR is relative to the working folder" in shown.stderr, shown.stderr
+    checked = _in_a_deleted_folder(tmp_path, env, "check")
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stdout + checked.stderr
+    found = lines(checked.stdout)
+    assert found["folders"].startswith("✗ ") and "STATE_DIR, LOG_DIR, LOG_OUTPUT_DIR are relative" in found["folders"]
+    assert found["GitLab"].startswith("✓ ")  # the rest is still checked
+
+
+def test_metrics_folder_that_does_not_exist_is_created_by_run_as_check_says(tmp_path: Path, world: World,
+                                                                           gitlab_sim: GitLabSimulator) -> None:
+    """`check` used to say the folder would be created while `run` failed every cycle to write the file."""
+    world.add_project("app")
+    folder = tmp_path / "textfile_collector" / "shipper"
+    env = make_env(tmp_path, gitlab_sim, None, METRICS_TEXTFILE=str(folder / "gitlab_log_shipper.prom"))
+    line = lines(env.invoke("check").output)["METRICS_TEXTFILE folder"]
+    assert line.startswith("✓ ") and "it will be created by the first cycle, mode 0755" in line, line
+    result = env.invoke("run", "--once")
+    assert result.exit_code == 0 and "METRICS_TEXTFILE" not in result.output, result.output
+    assert "gitlab_log_shipper_cycles_total 1" in (folder / "gitlab_log_shipper.prom").read_text("utf-8")
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (folder.parent, folder)] == [0o755, 0o755]
