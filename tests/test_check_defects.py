@@ -7,17 +7,19 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 import stat
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
 
-from shipper_helpers import make_env
+from shipper_helpers import make_env, within
 from test_check import lines
 
 
@@ -144,3 +146,25 @@ def test_metrics_folder_that_does_not_exist_is_created_by_run_as_check_says(tmp_
     assert result.exit_code == 0 and "METRICS_TEXTFILE" not in result.output, result.output
     assert "gitlab_log_shipper_cycles_total 1" in (folder / "gitlab_log_shipper.prom").read_text("utf-8")
     assert [stat.S_IMODE(p.stat().st_mode) for p in (folder.parent, folder)] == [0o755, 0o755]
+
+
+def test_unreachable_gitlab_says_what_is_retried_at_once_and_gives_up_within_the_budget(
+        tmp_path: Path, gitlab_sim: GitLabSimulator, receiver: Receiver) -> None:
+    """python-gitlab retries a refused connection 10 times with 0.1 × 2**n s of backoff: 103 s without a word. Now
+    one WARNING at the first failure says what is retried, and the cycle reports the error within the budget
+    (GITLAB_TIMEOUT, + one attempt)."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    env = make_env(tmp_path, gitlab_sim, receiver, GITLAB_URL=dead, GITLAB_TIMEOUT="3")
+    started = time.monotonic()
+    result = within(30, lambda: env.invoke("run", "--once"), "run --once against a GitLab that refuses connections")
+    took = time.monotonic() - started
+    assert result.exit_code == 1 and took < 3 + 3, (took, result.output)
+    warnings = [line for line in result.output.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.output
+    assert re.search(r"GitLab unreachable \(ConnectionError: connection refused\); retrying up to 4 times over ~1\.5 s",
+                     warnings[0]), warnings[0]
+    assert "urllib3" not in result.output and "Traceback" not in result.output
+    assert "project error: projects of the token's user: GitLab unreachable (ConnectionError: connection refused); " \
+           "retried for the budget of GITLAB_TIMEOUT=3s" in result.output, result.output
