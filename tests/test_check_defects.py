@@ -168,3 +168,22 @@ def test_unreachable_gitlab_says_what_is_retried_at_once_and_gives_up_within_the
     assert "urllib3" not in result.output and "Traceback" not in result.output
     assert "project error: projects of the token's user: GitLab unreachable (ConnectionError: connection refused); " \
            "retried for the budget of GITLAB_TIMEOUT=3s" in result.output, result.output
+
+
+def test_receiver_retries_are_one_line_of_ours_not_a_urllib3_warning_each(tmp_path: Path, world: World,
+                                                                         gitlab_sim: GitLabSimulator,
+                                                                         receiver: Receiver) -> None:
+    """urllib3 logged ``Retrying (Retry(total=…)) after connection broken …`` at every retry of a POST (three
+    here); the shipper's own "receiver unavailable" line says it once."""
+    project = world.add_project("app")
+    world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}/logs"
+    env = make_env(tmp_path, gitlab_sim, receiver, API_POST_URL=dead, RETRY_ATTEMPTS="3")
+    result = env.invoke("run", "--once")
+    assert "queued=1" in result.output, result.output
+    assert "Retrying (" not in result.output and "urllib3" not in result.output, result.output
+    assert len([line for line in result.output.splitlines() if "receiver unavailable" in line]) == 1, result.output
+    debug = env.invoke("run", "--once", LOG_LEVEL="DEBUG")  # debugging: urllib3's own lines are let through
+    assert "Retrying (" in debug.output, debug.output
