@@ -111,19 +111,28 @@ class GitLabUnreachable(requests.RequestException):
 # Retry.handle_retry, max_retries=10): 102.3 s of sleeping alone, silently, before the error surfaces.
 _BACKOFF_FIRST = 0.1
 _PYTHON_GITLAB_RETRIES = 10
+# How long an outage is retried: 2 × GITLAB_TIMEOUT (a GitLab that hangs gets a second attempt), at least 10 s (a
+# restart of GitLab's web server, or a short hang with a small GITLAB_TIMEOUT, is ridden out within the cycle).
+MIN_OUTAGE_BUDGET = 10.0
+
+
+def outage_budget(gitlab_timeout: float) -> float:
+    """Seconds an unreachable GitLab is retried before a request gives up (see :class:`_Outage`)."""
+    return max(2 * gitlab_timeout, MIN_OUTAGE_BUDGET)
 
 
 class _Outage:
     """When GitLab stopped answering (connection refused or reset, DNS, timeouts), shared by every thread.
 
     The first failure logs one WARNING saying what is retried and for how long. A retry is allowed while the outage,
-    plus python-gitlab's next backoff, stays within ``budget`` (GITLAB_TIMEOUT): a request gives up within
+    plus python-gitlab's next backoff, stays within ``budget`` (:func:`outage_budget`): a request gives up within
     ``budget`` + GITLAB_TIMEOUT (its last attempt), and once the budget is spent every request of the cycle (and of
     the next cycles, until GitLab answers) fails at its first failure instead of sleeping through the backoff again.
     """
 
-    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, budget: float, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
+        self.timeout = timeout
         self.clock = clock
         self.since: float | None = None
         self._lock = threading.Lock()
@@ -146,7 +155,7 @@ class _Outage:
                 count, slept = self.retries()
                 log.warning("GitLab unreachable (%s); retrying up to %d times over ~%.1f s (GITLAB_TIMEOUT=%s per "
                             "attempt, at most ~%.0f s in all), then this cycle reports it and the next cycle tries again",
-                            _describe_failure(exc), count, slept, format_seconds(self.budget), self.budget * 2)
+                            _describe_failure(exc), count, slept, format_seconds(self.timeout), self.budget + self.timeout)
             give_up = self.clock() - self.since + _BACKOFF_FIRST * 2 ** failures > self.budget
         self._local.failures = 0 if give_up else failures + 1
         return give_up
@@ -200,9 +209,9 @@ class GitLabSession(requests.Session):
       connection error (up to ten times, about 100 s); it fails at once with a message naming the setting.
     """
 
-    def __init__(self, throttle: Throttle | None = None, pool_size: int = 10, outage_budget: float = 30.0) -> None:
+    def __init__(self, throttle: Throttle | None = None, pool_size: int = 10, timeout: float = 30.0) -> None:
         super().__init__()
-        self.outage = _Outage(outage_budget)
+        self.outage = _Outage(outage_budget(timeout), timeout)
         self.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
         self.throttle = throttle or Throttle()
         # Enough pooled connections for every worker; no urllib3 Retry here (python-gitlab retries).
@@ -227,8 +236,9 @@ class GitLabSession(requests.Session):
             response = self._send(request, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:  # (TLSFailure and GitLabUnreachable are neither)
             if self.outage.failed(exc, started):
-                raise GitLabUnreachable(f"GitLab unreachable ({_describe_failure(exc)}); retried for the budget of "
-                                        f"GITLAB_TIMEOUT={format_seconds(self.outage.budget)}") from exc
+                raise GitLabUnreachable(f"GitLab unreachable ({_describe_failure(exc)}); gave up after retrying for "
+                                        f"{format_seconds(self.outage.budget)} (2 × GITLAB_TIMEOUT, at least "
+                                        f"{format_seconds(MIN_OUTAGE_BUDGET)})") from exc
             raise
         self.outage.answered()
         return response
@@ -444,7 +454,7 @@ class GitLabSource:
             per_page=PER_PAGE,
             keep_base_url=True,  # Link headers may name another host (behind proxies)
             user_agent=f"gitlab-log-shipper/{__version__}",
-            session=GitLabSession(self.throttle, pool_size=3 * config.concurrency + 2, outage_budget=config.gitlab_timeout),
+            session=GitLabSession(self.throttle, pool_size=3 * config.concurrency + 2, timeout=config.gitlab_timeout),
             ssl_verify=config.gitlab_verify,  # certifi's bundle, GITLAB_CA_BUNDLE, or off (warned at start)
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
