@@ -29,12 +29,14 @@ from .requestlog import ManagedRequestLog
 from .gitlab.graphql import GraphQLDetector, decide_api
 from .gitlab.rest import DiscoveryProblem, GitLabSource
 from .state import MARKER_NAME, StateStore
+from .status import working_folder_problem
 from .timeutil import format_ts, utcnow
 
 TOKEN_EXPIRY_WARNING_DAYS = 14
 REPORTER = 20  # GitLab access level needed to read job logs
 ACCESS_LEVELS = {10: "Guest", 15: "Planner", 20: "Reporter", 30: "Developer", 40: "Maintainer", 50: "Owner"}
 TEST_HEADER = "X-Gitlab-Log-Shipper-Test"
+METRICS_FOLDER = "METRICS_TEXTFILE folder"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ def run_checks(config: Config, *, send_test: bool, today: Callable[[], date], no
         yield _receiver(config)
         if send_test:
             yield _send_test(config, now())
+    problem = working_folder_problem(_folder_list(config))
+    if problem:  # nothing under a relative folder can be looked at: one line, not a traceback per folder
+        yield Check("folders", False, problem)
+        return
     yield from _folders(config)
     yield _state(config)
 
@@ -244,9 +250,15 @@ def _receiver(config: Config) -> Check:
     if 300 <= status < 400:
         return Check("receiver", True, f"{base}); it redirects to {response.headers.get('Location')}: "
                      "the shipper does not follow redirects, set API_POST_URL to the final URL", warning=True)
+    if status in (404, 410):  # the path is wrong: every POST there would end in the dead-letter folder
+        return Check("receiver", False, f"{url}: HTTP {status} to a GET: nothing is there; every document would be "
+                     "dead-lettered: check the path in API_POST_URL")
     if status in (401, 403):
         return Check("receiver", True, f"{base}); it refused our credentials on a GET: check API_POST_AUTH_TOKEN "
                      "(--send-test proves it)", warning=True)
+    if status == 405:  # a POST-only endpoint refusing the GET: the path exists
+        return Check("receiver", True, f"{base}; 405 is fine: the endpoint takes POSTs only; --send-test posts a test "
+                     "document)")
     return Check("receiver", True, f"{base}; --send-test posts a test document)")
 
 
@@ -285,16 +297,23 @@ def _send_test(config: Config, now: datetime) -> Check:
 # -- folders and state ----------------------------------------------------------------------------
 
 
-def _folders(config: Config) -> Iterator[Check]:
+def _folder_list(config: Config) -> list[tuple[str, Path]]:
     folders = [("STATE_DIR", config.state_dir), ("LOG_DIR", config.log_dir)]
     if config.writes_files:
         folders.append(("LOG_OUTPUT_DIR", config.log_output_dir))
     if config.metrics_textfile is not None:
-        folders.append(("METRICS_TEXTFILE folder", config.metrics_textfile.parent))
-    for name, folder in folders:
-        check = _writable(name, Path(folder))
-        if name == "LOG_DIR" and check.ok and Path(folder).is_dir():
-            check = _log_files(config, check)
+        folders.append((METRICS_FOLDER, config.metrics_textfile.parent))
+    return [(name, Path(folder)) for name, folder in folders]
+
+
+def _folders(config: Config) -> Iterator[Check]:
+    for name, folder in _folder_list(config):
+        try:
+            check = _writable(name, folder)
+            if name == "LOG_DIR" and check.ok and folder.is_dir():
+                check = _log_files(config, check)
+        except OSError as exc:  # e.g. a parent this user may not search: is_dir() lets EACCES through
+            check = Check(name, False, f"{folder} cannot be looked at ({exc.strerror or exc})")
         yield check
 
 
@@ -348,13 +367,18 @@ def _writable(name: str, folder: Path) -> Check:
     if not parent.is_dir():
         return Check(name, False, f"{shown} cannot be created: {parent} is not a folder")
     if os.access(parent, os.W_OK | os.X_OK):
-        return Check(name, True, f"{shown} does not exist yet; it will be created (in {parent}, writable)")
+        how = " by the first cycle, mode 0755 for node_exporter" if name == METRICS_FOLDER else ", mode 0700"
+        return Check(name, True, f"{shown} does not exist yet; it will be created{how} (in {parent}, writable)")
     return Check(name, False, f"{shown} does not exist and cannot be created ({parent} is not writable)")
 
 
 def _state(config: Config) -> Check:
     path = config.state_dir / "state.sqlite3"
-    if not path.is_file() and not (config.state_dir / MARKER_NAME).exists():
+    try:
+        fresh = not path.is_file() and not (config.state_dir / MARKER_NAME).exists()
+    except OSError as exc:  # EACCES on the way there (the STATE_DIR line says more)
+        return Check("state store", False, f"{path} cannot be looked at ({exc.strerror or exc})")
+    if fresh:
         return Check("state store", True, f"{path} does not exist yet; the first run creates it")
     # (a store that was in use here and is now missing or empty: StateStore refuses it, with the way out)
     try:

@@ -33,9 +33,8 @@ from .progress import BackfillProgress
 from .logsetup import setup_logging, stderr_is_journal
 from .security import startup_warnings, tightened_umask
 from .shipper import SHIPPED, WOULD_SHIP, CycleReport, ShipResult, Shipper
-from .state import MARKER_NAME, StateStore
 from .stats import record_run
-from .status import collect, empty, render
+from .status import render, snapshot as status_snapshot
 from .timeutil import parse_ts, utcnow
 
 log = logging.getLogger("gitlab_log_shipper")
@@ -275,6 +274,11 @@ def redeliver(ctx: click.Context, pipeline_id: int | None) -> None:
 
         def work() -> int:
             results = delivery.redeliver(pipeline_id)
+            if pipeline_id is not None and not results:  # a typo'd id must not look like success
+                click.echo(f"no dead letter of pipeline {pipeline_id} could be redelivered (none in "
+                           f"{delivery.dead_letter_dir}, or its document is missing: see the log); "
+                           f"`status` lists the dead letters", err=True)
+                return 1
             for meta, post in results:
                 verdict = "delivered" if post.ok else f"still failing: {post.status or 'no answer'} {post.error or ''}".strip()
                 click.echo(f"pipeline {meta['pipeline_id']} (project {meta['project_id']}): {verdict}")
@@ -332,19 +336,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Cursors, last shipments, outbox, dead letters, last cycle and totals, read from STATE_DIR (no network)."""
     config = _load(ctx, log_file=False)
     now = utcnow()
-    if not (config.state_dir / "state.sqlite3").is_file() and not (config.state_dir / MARKER_NAME).exists():
-        snapshot = empty(config)  # nothing ran yet (a store that was lost is an error: StateStore says so)
-    else:
-        try:
-            state = StateStore(config.state_dir)
-        except ShipperError as exc:
-            _fail(exc)
-        try:
-            snapshot = collect(config, state, now)
-        except ShipperError as exc:
-            _fail(exc)
-        finally:
-            state.close()
+    try:
+        snapshot = status_snapshot(config, now)
+    except ShipperError as exc:
+        _fail(exc)
     if as_json:
         click.echo(json.dumps(snapshot, indent=2))
     else:

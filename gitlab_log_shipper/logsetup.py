@@ -104,6 +104,18 @@ def stderr_is_journal(environ: Mapping[str, str], stream: IO[str] | None = None)
     return (stat.st_dev, stat.st_ino) == (device, inode)
 
 
+class RetryChatterFilter(logging.Filter):
+    """Drops urllib3's ``Retrying (Retry(total=…)) after connection broken by …`` WARNING, logged at every retry of
+    a receiver POST (urllib3/connectionpool.py, urlopen): one line of ours says it instead, once (the POST's
+    outcome in api-requests.log and the shipper's "receiver unavailable" line; for GitLab, "GitLab unreachable").
+    Kept at LOG_LEVEL=DEBUG, where the urllib3 logger is let through for debugging."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("urllib3").getEffectiveLevel() <= logging.DEBUG:
+            return True
+        return not str(record.msg).startswith("Retrying (")
+
+
 def setup_logging(config: Config, *, to_file: bool = True, journald: bool = False) -> None:
     """Configure the root logger once. urllib3 and python-gitlab log URLs only, never headers, but are kept
     at WARNING unless LOG_LEVEL=DEBUG so connection chatter does not drown the shipper's own lines."""
@@ -130,6 +142,9 @@ def setup_logging(config: Config, *, to_file: bool = True, journald: bool = Fals
     quiet = logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING
     for name in ("urllib3", "gitlab", "requests"):
         logging.getLogger(name).setLevel(quiet)
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, RetryChatterFilter) for f in pool_logger.filters):
+        pool_logger.addFilter(RetryChatterFilter())
     # http.client prints every request and response header (tokens included) to stdout when its debuglevel
     # is raised; whatever a library or a debugging session did, keep it off.
     http.client.HTTPConnection.debuglevel = 0

@@ -14,6 +14,7 @@ file-only mode, where nothing is measured.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
            [("", _timestamp(cycle.get("finished_at")))])
     metric("last_cycle_project_errors", "gauge", "Projects the last cycle could not poll.",
            [("", cycle.get("project_errors"))])
+    metric("outbox_full", "gauge",
+           "1 when the last cycle found the outbox at OUTBOX_MAX_BYTES and took no new pipelines (a receiver problem; "
+           "not counted in last_cycle_project_errors).", [("", int(bool(cycle.get("outbox_full"))) if cycle else None)])
     metric("last_cycle_missing_projects", "gauge",
            "Configured projects or groups that GitLab reported deleted or invisible in the last cycle.",
            [("", len(cycle.get("missing_projects") or []) if cycle else None)])
@@ -117,7 +121,29 @@ def _latency(timed: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+TEXTFILE_FOLDER_MODE = 0o755  # node_exporter runs as another user: it must be able to enter and list the folder
+
+
 def write_textfile(path: Path, text: str) -> None:
     """Atomically replace ``path`` (temporary file in the same folder, fsync, rename), mode 0644 so that
-    node_exporter, running as another user, can read it."""
-    atomic_write(Path(path), text.encode("utf-8"), mode=0o644, create_folders=False)  # the collector's folder
+    node_exporter, running as another user, can read it. Missing folders are created, mode 0755 whatever the
+    umask, like the shipper's other folders are created at start (and as ``check`` announces)."""
+    make_public_folders(Path(path).parent)
+    atomic_write(Path(path), text.encode("utf-8"), mode=0o644, create_folders=False)
+
+
+def make_public_folders(folder: Path) -> None:
+    """``mkdir -p`` with every folder it creates chmod-ed to 0755 (``mkdir``'s mode is cut by the umask, which
+    the shipper tightens to 077)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir()
+        except FileExistsError:  # made meanwhile by someone else, or a file: atomic_write then says so
+            continue
+        os.chmod(created, TEXTFILE_FOLDER_MODE)

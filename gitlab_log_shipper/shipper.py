@@ -126,12 +126,15 @@ class CycleReport:
     missing_projects: list[str] = field(default_factory=list)  # configured but deleted, renamed or not visible
     results: list[ShipResult] = field(default_factory=list)
     gitlab_unreachable: bool = False  # no project could be polled at all (GitLab down, token rejected)
+    # The outbox reached OUTBOX_MAX_BYTES, so no project was polled: the receiver's problem, not GitLab's, so it is
+    # not a project error (those page the GitLab-errors alert) but its own flag, metric and status line.
+    outbox_full: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
         """Everything found was delivered (or written) and nothing waits in the outbox."""
-        return not (self.project_errors or self.missing_projects or self.counts[FAILED] or self.counts[CHANGED]
+        return not (self.project_errors or self.missing_projects or self.outbox_full or self.counts[FAILED] or self.counts[CHANGED]
                     or self.counts[RETRY_WAITING] or self.counts[QUEUED_OUTCOME]
                     or self.counts[DEAD_LETTERED] or self.counts[OUTBOX_WAITING] or self.counts[OUTBOX_DEAD])
 
@@ -150,6 +153,8 @@ class CycleReport:
                                                     RETRY_WAITING, FILTERED, DUPLICATE, UNCHANGED, UNFINISHED, GONE,
                                                     *OUTBOX_COUNTS)
                  if self.counts[k]]
+        if self.outbox_full:
+            parts.append("outbox_full=1")
         if self.project_errors:
             parts.append(f"project_errors={len(self.project_errors)}")
         if self.missing_projects:
@@ -359,7 +364,7 @@ class Shipper:
             report.counts[OUTBOX_DEAD] += drained[DEAD_LETTER]
             if self.delivery.outbox_full():
                 report.counts[OUTBOX_WAITING] = self.state.outbox_stats()[0]
-                report.project_errors.append("outbox full: new pipelines wait in GitLab")
+                report.outbox_full = True  # DeliveryManager.outbox_full logged why, with the way out
                 return
         try:
             projects = self.projects()
@@ -630,16 +635,17 @@ class Shipper:
 
     def _source_failure(self, project: ProjectRef, pipeline_id: int, exc: GitLabSourceError,
                         list_row: tuple[str, str] | None) -> ShipResult:
+        reason = _without_prefix(str(exc), project.id, pipeline_id)  # the lines and `status` name the pipeline
         if exc.gone:
             log.warning("pipeline %s (project %s) was deleted in GitLab before it could be shipped: %s",
-                        pipeline_id, project.id, exc)
+                        pipeline_id, project.id, reason)
             if list_row:
                 self.state.mark_handled(project.id, pipeline_id, list_row[0], list_row[1], self.clock())
             else:
                 self.state.clear_retry(project.id, pipeline_id)
-            return ShipResult(GONE, project.id, pipeline_id, reason=str(exc))
-        log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
-        return ShipResult(FAILED, project.id, pipeline_id, reason=str(exc))
+            return ShipResult(GONE, project.id, pipeline_id, reason=reason)
+        log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, reason)
+        return ShipResult(FAILED, project.id, pipeline_id, reason=reason)
 
     def _write_filtered_metadata(self, project: ProjectRef, pipeline_id: int) -> None:
         """``LOG_SAVE_METADATA_ALWAYS``: a filtered pipeline still gets its metadata.json in the file output."""
@@ -702,8 +708,8 @@ class Shipper:
                 failure.finish, failure.idempotency_key = result.finish, result.idempotency_key
                 return failure
             result.outcome = FAILED
-            result.reason = str(exc)
-            log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, exc)
+            result.reason = _without_prefix(str(exc), project.id, pipeline_id)
+            log.error("pipeline %s (project %s): %s; will retry next cycle", pipeline_id, project.id, result.reason)
             return result
         finally:
             shutil.rmtree(spool, ignore_errors=True)
@@ -1174,12 +1180,27 @@ def _same_time(recorded: str | None, listed: str) -> bool:
     return now.microsecond == 0 and then.replace(microsecond=0) == now
 
 
-def _without_prefix(message: str, ref: object) -> str:
-    """``project 123: project 123: …`` reads badly: drop a leading repetition of what the line already names."""
+def _without_prefix(message: str, ref: object, pipeline: object | None = None) -> str:
+    """The error without what the line it goes into already names (``ref``, the project, and ``pipeline``).
+
+    GitLabSource's errors start with what was asked for (``listing pipelines of project 12: …``, ``jobs of
+    pipeline 7 (project 12): …``), and the shipper's lines start with the project or pipeline: written as they are,
+    a line names them twice (``project 12: listing pipelines of project 12: …``). Dropped: a leading ``project 12:``
+    (or ``12:``), and in the leading "what" the ``of project 12``, ``(project 12)`` and ``of pipeline 7``; a "what"
+    left as just ``pipeline 7`` goes as a whole."""
     for prefix in (f"project {ref}: ", f"{ref}: "):
         if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
+            message = message[len(prefix):]
+            break
+    what, sep, rest = message.partition(": ")
+    if not sep:
+        return message
+    repeats = [f" of project {ref}", f" (project {ref})"] + ([f" of pipeline {pipeline}"] if pipeline is not None else [])
+    for repeat in repeats:
+        what = what.replace(repeat, "")
+    if pipeline is not None and what == f"pipeline {pipeline}":
+        return rest
+    return f"{what}: {rest}"
 
 
 def _inconsistency(detail: Mapping[str, Any], jobs: list[dict[str, Any]]) -> str | None:

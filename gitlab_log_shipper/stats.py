@@ -70,6 +70,7 @@ def record_cycle(state: StateStore, config: Config, report: CycleReport, *, star
         "last_cycle.summary": report.summary(),
         "last_cycle.complete": "1" if report.complete else "0",
         "last_cycle.project_errors": str(len(report.project_errors)),
+        "last_cycle.outbox_full": "1" if report.outbox_full else "0",
         "last_cycle.first_error": report.project_errors[0][:300] if report.project_errors else "",
         # Configured projects or groups GitLab says are gone or invisible, one per line (every cycle, until fixed).
         "last_cycle.missing_projects": "\n".join(line[:300] for line in report.missing_projects[:50]),

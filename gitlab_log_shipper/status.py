@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from . import __version__
 from . import latency
 from .config import Config
-from .state import StateStore
+from .errors import ShipperError
+from .state import MARKER_NAME, StateStore
 from .shipper import GRAPHQL_FALLBACKS, REQUEST_LOG_FAILURES, REST_LISTED
 from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
 from .timeutil import format_ts, parse_ts
@@ -46,6 +47,7 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
             "summary": stats.get("last_cycle.summary", ""),
             "complete": stats.get("last_cycle.complete") == "1",
             "project_errors": int(stats.get("last_cycle.project_errors", "0")),
+            "outbox_full": stats.get("last_cycle.outbox_full") == "1",
             "first_error": stats.get("last_cycle.first_error") or None,
             "missing_projects": [line for line in stats.get("last_cycle.missing_projects", "").split("\n") if line],
         }
@@ -81,6 +83,48 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
         },
         "latency": timed,
     }
+
+
+def snapshot(config: Config, now: datetime) -> dict[str, Any]:
+    """What `status` shows: :func:`empty` before the first run, else :func:`collect`. Every problem reading
+    STATE_DIR (a relative one with an unreadable working folder, a folder this user may not enter, a broken
+    store) is a :class:`ShipperError` saying which, never a traceback."""
+    problem = working_folder_problem([("STATE_DIR", config.state_dir)])
+    if problem:
+        raise ShipperError(problem)
+    try:
+        fresh = not (config.state_dir / "state.sqlite3").is_file() and not (config.state_dir / MARKER_NAME).exists()
+    except OSError as exc:  # is_file() lets EACCES through (only "does not exist" means False)
+        raise ShipperError(f"cannot read STATE_DIR {config.state_dir}: {exc.strerror or exc}; run status as the "
+                           "service user (or root)") from None
+    if fresh:
+        return empty(config)  # nothing ran yet (a store that was lost is an error: StateStore says so)
+    state = StateStore(config.state_dir)
+    try:
+        return collect(config, state, now)
+    finally:
+        state.close()
+
+
+def working_folder_problem(folders: Iterable[tuple[str, Path]]) -> str | None:
+    """Why relative ``folders`` (name, path) cannot be resolved, or None. A relative STATE_DIR is found from the
+    working folder: when that was deleted (``os.getcwd`` fails) or this user may not search it (mode 000, another
+    user's home), every look at the folder fails; said once, with the way out, instead of a traceback."""
+    relative = [name for name, path in folders if not Path(path).is_absolute()]
+    if not relative:
+        return None
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        why = f"it was deleted or cannot be read ({exc.strerror or exc})"
+    else:
+        if os.access(cwd, os.X_OK):
+            return None
+        why = f"{cwd} cannot be searched by this user (permission denied)"
+    names = ", ".join(relative)
+    return (f"{names} {'is' if len(relative) == 1 else 'are'} relative to the working folder, but {why}: set "
+            f"{'it' if len(relative) == 1 else 'them'} to an absolute path (as the systemd unit does), or run from a "
+            "folder this user can read")
 
 
 def _latency(config: Config, state: StateStore, stats: dict[str, str], now: datetime) -> dict[str, Any] | None:
@@ -217,6 +261,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> list[str]:
     lines.append("last success:  " + (f"{success} ({_ago(_age(now, success))}): everything found was delivered"
                                       if success else "never (no cycle has delivered everything it found yet)"))
     outbox = snapshot["outbox"]
+    if cycle and cycle.get("outbox_full"):
+        lines.append("outbox full:   the last cycle took no new pipelines (OUTBOX_MAX_BYTES reached): they wait in "
+                     "GitLab until the receiver takes the outbox")
     if outbox["documents"]:
         lines.append(f"outbox:        {outbox['documents']} document(s), {_bytes(outbox['bytes'])}, oldest queued "
                      f"{outbox['oldest_queued_at']} ({_ago(outbox['oldest_age_seconds'])})")

@@ -106,7 +106,8 @@ def test_unwritable_textfile_is_logged_and_shipping_goes_on(tmp_path: Path, worl
                                                             receiver: Receiver) -> None:
     project = world.add_project("team/app")
     world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="a\n")])
-    env = make_env(tmp_path, gitlab_sim, receiver, METRICS_TEXTFILE=str(tmp_path / "missing" / "x.prom"))
+    (tmp_path / "a-file").write_text("")  # where the folder should be: it cannot be created (a missing one is)
+    env = make_env(tmp_path, gitlab_sim, receiver, METRICS_TEXTFILE=str(tmp_path / "a-file" / "x.prom"))
     result = env.invoke("run", "--once")
     assert result.exit_code == 0 and len(receiver.accepted()) == 1
     assert "writing METRICS_TEXTFILE=" in result.output and "failed" in result.output

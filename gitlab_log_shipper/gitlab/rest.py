@@ -102,6 +102,84 @@ class TLSFailure(requests.RequestException):
     """GitLab's certificate was not trusted. A configuration problem, so never retried as transient."""
 
 
+class GitLabUnreachable(requests.RequestException):
+    """GitLab has not answered for longer than the retry budget: not a ConnectionError, so python-gitlab does not
+    retry it (it retries ConnectionError, ChunkedEncodingError and Timeout: gitlab/client.py, http_request)."""
+
+
+# python-gitlab's backoff between retries of a transient error: 0.1 s × 2**n, n = 0..9 (gitlab/utils.py,
+# Retry.handle_retry, max_retries=10): 102.3 s of sleeping alone, silently, before the error surfaces.
+_BACKOFF_FIRST = 0.1
+_PYTHON_GITLAB_RETRIES = 10
+# How long an outage is retried: 2 × GITLAB_TIMEOUT (a GitLab that hangs gets a second attempt), at least 10 s (a
+# restart of GitLab's web server, or a short hang with a small GITLAB_TIMEOUT, is ridden out within the cycle).
+MIN_OUTAGE_BUDGET = 10.0
+
+
+def outage_budget(gitlab_timeout: float) -> float:
+    """Seconds an unreachable GitLab is retried before a request gives up (see :class:`_Outage`)."""
+    return max(2 * gitlab_timeout, MIN_OUTAGE_BUDGET)
+
+
+class _Outage:
+    """When GitLab stopped answering (connection refused or reset, DNS, timeouts), shared by every thread.
+
+    The first failure logs one WARNING saying what is retried and for how long. A retry is allowed while the outage,
+    plus python-gitlab's next backoff, stays within ``budget`` (:func:`outage_budget`): a request gives up within
+    ``budget`` + GITLAB_TIMEOUT (its last attempt), and once the budget is spent every request of the cycle (and of
+    the next cycles, until GitLab answers) fails at its first failure instead of sleeping through the backoff again.
+    """
+
+    def __init__(self, budget: float, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self.timeout = timeout
+        self.clock = clock
+        self.since: float | None = None
+        self._lock = threading.Lock()
+        self._local = threading.local()  # this thread's consecutive failures: python-gitlab's retry number
+
+    def retries(self) -> tuple[int, float]:
+        """How many retries, over how many seconds of backoff, fit the budget when each attempt fails at once."""
+        count, slept = 0, 0.0
+        while count < _PYTHON_GITLAB_RETRIES and slept + _BACKOFF_FIRST * 2 ** count <= self.budget:
+            slept += _BACKOFF_FIRST * 2 ** count
+            count += 1
+        return count, slept
+
+    def failed(self, exc: BaseException, started: float) -> bool:
+        """Note a failed attempt (started at ``started``); True when no retry fits the budget any more."""
+        failures = getattr(self._local, "failures", 0)
+        with self._lock:
+            if self.since is None:
+                self.since = started
+                count, slept = self.retries()
+                log.warning("GitLab unreachable (%s); retrying up to %d times over ~%.1f s (GITLAB_TIMEOUT=%s per "
+                            "attempt, at most ~%.0f s in all), then this cycle reports it and the next cycle tries again",
+                            _describe_failure(exc), count, slept, format_seconds(self.timeout), self.budget + self.timeout)
+            give_up = self.clock() - self.since + _BACKOFF_FIRST * 2 ** failures > self.budget
+        self._local.failures = 0 if give_up else failures + 1
+        return give_up
+
+    def answered(self) -> None:
+        self._local.failures = 0
+        if self.since is not None:
+            with self._lock:
+                if self.since is not None:
+                    log.info("GitLab answers again after %.0f s", self.clock() - self.since)
+                    self.since = None
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``ConnectionError: connection refused``: the class and the usual reason, short and on one line (requests'
+    text nests urllib3's, with object addresses: not for a log line when a known reason is in it)."""
+    text = escape_controls(str(exc))
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
+                   "No route to host", "Network is unreachable", "Temporary failure in name resolution"):
+        if marker.lower() in text.lower():
+            return f"{exc.__class__.__name__}: {marker.lower()}"
+    return f"{exc.__class__.__name__}: {text[:120]}"
+
+
 class _DeadlineHTTPPool(DeadlinePool, urllib3.HTTPConnectionPool):
     pass
 
@@ -131,8 +209,9 @@ class GitLabSession(requests.Session):
       connection error (up to ten times, about 100 s); it fails at once with a message naming the setting.
     """
 
-    def __init__(self, throttle: Throttle | None = None, pool_size: int = 10) -> None:
+    def __init__(self, throttle: Throttle | None = None, pool_size: int = 10, timeout: float = 30.0) -> None:
         super().__init__()
+        self.outage = _Outage(outage_budget(timeout), timeout)
         self.trust_env = False  # no proxy credentials or .netrc picked up behind the operator's back
         self.throttle = throttle or Throttle()
         # Enough pooled connections for every worker; no urllib3 Retry here (python-gitlab retries).
@@ -152,6 +231,19 @@ class GitLabSession(requests.Session):
         super().rebuild_auth(prepared_request, response)
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        started = time.monotonic()
+        try:
+            response = self._send(request, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:  # (TLSFailure and GitLabUnreachable are neither)
+            if self.outage.failed(exc, started):
+                raise GitLabUnreachable(f"GitLab unreachable ({_describe_failure(exc)}); gave up after retrying for "
+                                        f"{format_seconds(self.outage.budget)} (2 × GITLAB_TIMEOUT, at least "
+                                        f"{format_seconds(MIN_OUTAGE_BUDGET)})") from exc
+            raise
+        self.outage.answered()
+        return response
+
+    def _send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         self.throttle.before_request()
         try:
             response = super().send(request, **kwargs)
@@ -195,7 +287,7 @@ def _translate(what: str, exc: Exception) -> GitLabSourceError:
         if code == 403:
             return GitLabSourceError(f"{what}: forbidden (403); the token lacks access", status=403)
         return GitLabSourceError(f"{what}: GitLab answered {code or 'invalid data'}: {message}", status=code)
-    if isinstance(exc, (RedirectRefused, TLSFailure)):
+    if isinstance(exc, (RedirectRefused, TLSFailure, GitLabUnreachable)):
         return GitLabSourceError(f"{what}: {exc}")
     if isinstance(exc, requests.RequestException):
         return GitLabSourceError(f"{what}: cannot reach GitLab ({exc.__class__.__name__})")
@@ -362,7 +454,7 @@ class GitLabSource:
             per_page=PER_PAGE,
             keep_base_url=True,  # Link headers may name another host (behind proxies)
             user_agent=f"gitlab-log-shipper/{__version__}",
-            session=GitLabSession(self.throttle, pool_size=3 * config.concurrency + 2),
+            session=GitLabSession(self.throttle, pool_size=3 * config.concurrency + 2, timeout=config.gitlab_timeout),
             ssl_verify=config.gitlab_verify,  # certifi's bundle, GITLAB_CA_BUNDLE, or off (warned at start)
         )
         self._commit_cache: OrderedDict[tuple[int, str], str | None] = OrderedDict()
