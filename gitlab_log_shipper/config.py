@@ -445,10 +445,13 @@ def _read_secret_file(variable: str, path: Path) -> tuple[str, list[str]]:
     """A secret's file → (value, warnings). Errors name ``variable`` and the path, never the content."""
     shown = repr(str(path))
     try:
-        with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(variable, f"{shown} is not a regular file")
+        # O_NONBLOCK: a FIFO without a writer must not hang the start; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ConfigError(variable, f"{shown} is not a regular file")
+        with open(fd, "rb") as handle:
             data = handle.read(MAX_SECRET_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(variable, f"no such file: {shown}") from None
