@@ -136,7 +136,9 @@ def _hoist_env_file(args: list[str]) -> list[str]:
         if arg == "--":
             rest.extend(args[index:])
             break
-        if arg == "--env-file" and index + 1 < len(args):
+        if arg == "--env-file":
+            if index + 1 == len(args):
+                raise click.UsageError("Option '--env-file' requires an argument.")
             hoisted.extend(args[index:index + 2])
             index += 2
             continue

@@ -65,10 +65,11 @@ KNOWN_VARIABLES = frozenset({
 })
 # The prefixes of our names (GITLAB_, API_POST_, LOG_, POLL_, OUTBOX_, ...): a variable starting with one of them
 # is meant for us. One-word names (SHARD, CONCURRENCY) give no prefix.
-# GitLab CI's predefined variables with our GITLAB_ prefix (gitlabhq doc/ci/variables/predefined_variables.md): a
-# shipper started inside a CI job sees them, and they are not misspellings.
-GITLAB_CI_VARIABLES = frozenset({"GITLAB_CI", "GITLAB_FEATURES", "GITLAB_USER_EMAIL", "GITLAB_USER_ID",
-                                 "GITLAB_USER_LOGIN", "GITLAB_USER_NAME"})
+# Variables others set that happen to share our prefixes; not misspellings. GitLab CI's predefined GITLAB_*
+# (gitlabhq doc/ci/variables/predefined_variables.md), for a shipper started inside a CI job, and systemd's
+# STATE_DIRECTORY (systemd.exec(5): set for StateDirectory=, which the unit uses).
+FOREIGN_VARIABLES = frozenset({"GITLAB_CI", "GITLAB_FEATURES", "GITLAB_USER_EMAIL", "GITLAB_USER_ID",
+                               "GITLAB_USER_LOGIN", "GITLAB_USER_NAME", "STATE_DIRECTORY"})
 KNOWN_PREFIXES = tuple(sorted({name.split("_", 1)[0] + "_" for name in KNOWN_VARIABLES if "_" in name}
                               | {"API_POST_"}))
 
@@ -432,7 +433,7 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
     ``POLL_INTERVALL`` → ``POLL_INTERVAL``, ``API_POST_ENABLE`` → ``API_POST_ENABLED``. Sorted by name."""
     found = []
     for name in sorted(env):
-        if name in KNOWN_VARIABLES or name in GITLAB_CI_VARIABLES or not name.startswith(KNOWN_PREFIXES):
+        if name in KNOWN_VARIABLES or name in FOREIGN_VARIABLES or not name.startswith(KNOWN_PREFIXES):
             continue
         close = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.75)
         found.append((name, close[0] if close else None))
@@ -467,7 +468,7 @@ def _read_secret_file(variable: str, path: Path) -> tuple[str, list[str]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(variable, f"{shown} is not UTF-8 text") from None
-    text = text[:-1] if text.endswith("\n") else text  # echo and editors add one; "\r\n" keeps its \r: an error
+    text = text[:-1] if text.endswith("\n") else text  # echo and editors add one (then stripped like any variable)
     warnings = []
     if info.st_mode & stat.S_IROTH:
         warnings.append(f"{variable}: {shown} can be read by every user of this machine; chmod o-r it (0600 or 0640)")

@@ -279,6 +279,15 @@ def parse_systemd(text: str) -> dict[str, str]:
     return reader.finish()
 
 
+def _line_of(text: str, name: str) -> int:
+    """The last line assigning ``name`` as systemd sees it (0 when none starts with it)."""
+    found = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if re.match(rf"[ \t]*{re.escape(name)}[ \t]*=", line):
+            found = number
+    return found
+
+
 def systemd_differences(text: str, values: dict[str, str], lines: dict[str, int]) -> list[Difference]:
     """Each variable whose value under ``EnvironmentFile=`` would not be ours (values are never shown)."""
     theirs = parse_systemd(text)
@@ -291,5 +300,6 @@ def systemd_differences(text: str, values: dict[str, str], lines: dict[str, int]
             found.append(Difference(lines[name], name, "systemd's EnvironmentFile= would read another value "
                                                        "(inline # comment, backslash or quotes)"))
     for name in sorted(set(theirs) - set(values)):
-        found.append(Difference(0, name, "systemd's EnvironmentFile= would set it, this parser does not"))
+        found.append(Difference(_line_of(text, name), name, "systemd's EnvironmentFile= would set it, this parser "
+                                                            "does not (a line continued by a backslash)"))
     return sorted(found, key=lambda d: (d.line, d.name))

@@ -136,7 +136,8 @@ def test_missing_env_file_is_a_config_error(tmp_path: Path) -> None:
 def test_unknown_variables_with_our_prefixes_get_the_closest_known_name() -> None:
     env = {**BASE, "POLL_INTERVALL": "5", "API_POST_ENABLE": "true", "OUTBOX_MAXBYTES": "1G", "GITLAB_TOKEM": "x",
            "LOG_SOMETHING_ELSE": "1", "PATH": "/bin", "HOME": "/root", "SHARD": "0/1", "WEBHOOK_PORT": "80",
-           "GITLAB_CI": "true", "GITLAB_USER_LOGIN": "bob"}  # GitLab CI's own variables are not misspellings
+           "GITLAB_CI": "true", "GITLAB_USER_LOGIN": "bob",  # GitLab CI's own variables are not misspellings,
+           "STATE_DIRECTORY": "/var/lib/gitlab-log-shipper"}  # nor what systemd sets for StateDirectory=
     assert unknown_variables(env) == [("API_POST_ENABLE", "API_POST_ENABLED"), ("GITLAB_TOKEM", "GITLAB_TOKEN"),
                                       ("LOG_SOMETHING_ELSE", None), ("OUTBOX_MAXBYTES", "OUTBOX_MAX_BYTES"),
                                       ("POLL_INTERVALL", "POLL_INTERVAL")]

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from gitlab_log_shipper.cli import main
 from gitlab_log_shipper.config import load_config
-from gitlab_log_shipper.envfile import parse_env_text, parse_systemd, read_env_file
+from gitlab_log_shipper.envfile import parse_env_text, parse_systemd, read_env_file, systemd_differences
 from gitlab_log_shipper.errors import ConfigError
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.world import JobSpec, World
@@ -174,3 +174,20 @@ def test_the_examples_folder_lines_do_not_override_the_units(tmp_path: Path) -> 
     assert str(config.state_dir) == unit["STATE_DIR"] == "/var/lib/gitlab-log-shipper"
     assert str(config.log_dir) == unit["LOG_DIR"] and str(config.log_output_dir) == unit["LOG_OUTPUT_DIR"]
     assert load_config(env_file, {"GITLAB_TOKEN": "glpat-0123456789abcdef"}).state_dir == Path("/srv/elsewhere")
+
+
+def test_a_name_only_systemd_would_set_is_reported_with_its_line() -> None:
+    text = "GITLAB_URL=https://g\n# a comment \\\nHIDDEN=1\n"  # systemd < v254 swallowed HIDDEN; >= v254 sets it
+    assert values(text) == {"GITLAB_URL": "https://g", "HIDDEN": "1"}
+    cont = "A=one \\\nB=2\n"
+    with pytest.raises(ConfigError, match="line continuations"):
+        values(cont)
+    # What this parser refuses (Y's continuation) systemd reads as Y="aZ=3", and then has no Z.
+    assert [str(d) for d in systemd_differences("X=1\nY=a\\\nZ=3\n", {"X": "1", "Z": "3"}, {"X": 1, "Z": 3})] == [
+        "line 2: Y: systemd's EnvironmentFile= would set it, this parser does not (a line continued by a backslash)",
+        "line 3: Z: systemd's EnvironmentFile= would not set it (export prefix, byte-order mark or odd quoting)"]
+
+
+def test_env_file_without_a_value_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["status", "--env-file"], env={}, catch_exceptions=False)
+    assert result.exit_code == 2 and "'--env-file' requires an argument" in result.output
