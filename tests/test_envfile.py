@@ -174,6 +174,8 @@ def test_the_examples_folder_lines_do_not_override_the_units(tmp_path: Path) -> 
     assert str(config.state_dir) == unit["STATE_DIR"] == "/var/lib/gitlab-log-shipper"
     assert str(config.log_dir) == unit["LOG_DIR"] and str(config.log_output_dir) == unit["LOG_OUTPUT_DIR"]
     assert load_config(env_file, {"GITLAB_TOKEN": "glpat-0123456789abcdef"}).state_dir == Path("/srv/elsewhere")
+    # The example itself means the same to systemd's EnvironmentFile= and to this parser.
+    assert read_env_file(ROOT / ".env.example").differences == ()
 
 
 def test_a_name_only_systemd_would_set_is_reported_with_its_line() -> None:
