@@ -50,6 +50,7 @@ class Check:
 def run_checks(config: Config, *, send_test: bool, today: Callable[[], date], now: Callable[[], datetime]) -> Iterator[Check]:
     """Every check, in order, as it completes (the slow ones talk to GitLab and the receiver)."""
     yield _configuration(config)
+    yield from _configuration_warnings(config)
     yield from _gitlab(config, today())
     if config.posts:
         yield _receiver(config)
@@ -61,6 +62,16 @@ def run_checks(config: Config, *, send_test: bool, today: Callable[[], date], no
         return
     yield from _folders(config)
     yield _state(config)
+
+
+def _configuration_warnings(config: Config) -> Iterator[Check]:
+    """One "!" line per unknown variable or world-readable secret file, and per env-file line that systemd's
+    EnvironmentFile= would read differently (config.py, envfile.py): they pass, but deserve a look."""
+    for warning in config.warnings:
+        yield Check("configuration", True, warning, warning=True)
+    for difference in config.systemd_differences:
+        yield Check("env file", True, f"{difference} (only matters with EnvironmentFile=; the unit passes "
+                                      f"--env-file)", warning=True)
 
 
 def _configuration(config: Config) -> Check:

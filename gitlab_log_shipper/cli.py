@@ -25,6 +25,7 @@ from .check import Check, run_checks
 from .config import Config, load_config, parse_duration, prepare_directories
 from .daemon import StopSignals, run_forever, run_in_worker
 from .dryrun import Preview
+from .envfile import read_env_file
 from .errors import ConfigError, ShipperError
 from .lock import InstanceLock
 from .notify import Notifier
@@ -57,7 +58,7 @@ def _load(ctx: click.Context, *, log_file: bool = True) -> Config:
         setup_logging(config, to_file=log_file, journald=stderr_is_journal(os.environ))
     except ConfigError as exc:
         _fail(exc)
-    for warning in startup_warnings(config):
+    for warning in (*startup_warnings(config), *config.warnings):
         log.warning("%s", warning)
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
@@ -123,10 +124,43 @@ def _parse_when(value: str, option: str, now: datetime) -> datetime:
                                  param_hint=option) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _hoist_env_file(args: list[str]) -> list[str]:
+    """``run --env-file x`` → ``--env-file x run``: the option is accepted before and after the subcommand (and
+    every command, present or future, gets it) without each command declaring it. ``--`` ends the search."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest.extend(args[index:])
+            break
+        if arg == "--env-file":
+            if index + 1 == len(args):
+                raise click.UsageError("Option '--env-file' requires an argument.")
+            hoisted.extend(args[index:index + 2])
+            index += 2
+            continue
+        if arg.startswith("--env-file="):
+            hoisted.append(arg)
+        else:
+            rest.append(arg)
+        index += 1
+    return hoisted + rest
+
+
+class _Main(click.Group):
+    """The command group; ``--env-file`` may also follow the subcommand (see :func:`_hoist_env_file`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_env_file(list(args)))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gitlab-log-shipper")
-@click.option("--env-file", type=click.Path(dir_okay=False), default=None,
-              help="Read settings from this file instead of ./.env (the environment still wins).")
+@click.option("--env-file", type=click.Path(dir_okay=False, allow_dash=False), default=None,
+              help="Read settings from this file instead of ./.env (the environment still wins). May also follow "
+                   "the command; a pipe or /dev/fd/N works (read once). Syntax: OPERATIONS.md, \"Configure\".")
 @click.pass_context
 def main(ctx: click.Context, env_file: str | None) -> None:
     """Ship every finished GitLab CI pipeline, with every job's log, to a log API and/or files.
@@ -136,7 +170,11 @@ def main(ctx: click.Context, env_file: str | None) -> None:
     128 + N stopped by signal N (130: SIGINT). See OPERATIONS.md, "Exit codes".
     """
     ctx.ensure_object(dict)
-    ctx.obj["env_file"] = env_file
+    # Read here, once: a pipe or /dev/fd/N has nothing left for a second reader. load_config takes the EnvFile.
+    try:
+        ctx.obj["env_file"] = read_env_file(env_file) if env_file is not None and not ctx.resilient_parsing else None
+    except ConfigError as exc:
+        _fail(exc)
 
 
 def dry_run_options(command: Callable[..., Any]) -> Callable[..., Any]:

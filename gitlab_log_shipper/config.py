@@ -9,9 +9,11 @@ design's (``api-post-design.md``), so an existing ``.env`` keeps working; the po
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import ssl
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,8 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
-
+from .envfile import EnvFile, read_env_file
 from .errors import ConfigError
 from .redact import PatternError, parse_patterns
 from .security import plain_http_to_remote, private_mkdir
@@ -39,6 +40,38 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 # Settings of the webhook collector that mean nothing to a poller; accepted so old .env files still load.
 IGNORED_VARIABLES = ("WEBHOOK_PORT", "WEBHOOK_SECRET")
+# Secrets that may come from a file (NAME_FILE) or a systemd credential (LoadCredential=, systemd.exec(5)
+# "Credentials": the file $CREDENTIALS_DIRECTORY/<credential>), which systemd recommends over Environment=.
+SECRET_SOURCES = {"GITLAB_TOKEN": "gitlab_token", "API_POST_AUTH_TOKEN": "api_post_auth_token",
+                  "API_POST_HEADERS": "api_post_headers"}
+MAX_SECRET_FILE_BYTES = 64 * 1024
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"  # set by systemd when the unit has LoadCredential=
+
+# Every variable the loader reads: the one list. load_config refuses to read a name missing here, and
+# unknown_variables() warns about names with the same prefixes that are not in it (misspellings).
+KNOWN_VARIABLES = frozenset({
+    "GITLAB_URL", "GITLAB_TOKEN", "GITLAB_PROJECTS", "GITLAB_GROUPS", "GITLAB_TIMEOUT", "GITLAB_TLS_VERIFY",
+    "GITLAB_CA_BUNDLE", "GITLAB_API", "GITLAB_REQUEST_BUDGET", "GITLAB_MAX_REQUESTS_PER_SECOND",
+    "POLL_INTERVAL", "POLL_OVERLAP", "POLL_CHILD_PIPELINES", "INITIAL_LOOKBACK", "DISCOVERY_INTERVAL",
+    "STATE_DIR", "LOG_DIR", "LOG_OUTPUT_DIR", "LOG_LEVEL", "LOG_FORMAT", "LOG_REDACT_PATTERNS",
+    "LOG_SAVE_PIPELINE_STATUS", "LOG_SAVE_PROJECTS", "LOG_EXCLUDE_PROJECTS", "LOG_SAVE_JOB_STATUS",
+    "LOG_SAVE_METADATA_ALWAYS", "RETRY_ATTEMPTS", "RETRY_DELAY",
+    "API_POST_ENABLED", "API_POST_URL", "API_POST_AUTH_TOKEN", "API_POST_TIMEOUT", "API_POST_RETRY_ENABLED",
+    "API_POST_SAVE_TO_FILE", "API_POST_TLS_VERIFY", "API_POST_CA_BUNDLE", "API_POST_ALLOW_INSECURE",
+    "API_POST_COMPRESSION", "API_POST_MAX_BYTES", "API_POST_HEADERS", "API_REQUESTS_LOG_MAX_BYTES",
+    "API_REQUESTS_LOG_BACKUPS", "OUTBOX_MAX_BYTES", "OUTBOX_MAX_AGE", "OUTBOX_RETRY_MAX", "CONCURRENCY",
+    "MAX_JOB_LOG_BYTES", "JOB_LOG_TIMEOUT", "SHARD", "METRICS_TEXTFILE", "DOCUMENT_FIELDS",
+    *IGNORED_VARIABLES, *(f"{name}_FILE" for name in SECRET_SOURCES),
+})
+# The prefixes of our names (GITLAB_, API_POST_, LOG_, POLL_, OUTBOX_, ...): a variable starting with one of them
+# is meant for us. One-word names (SHARD, CONCURRENCY) give no prefix.
+# Variables others set that happen to share our prefixes; not misspellings. GitLab CI's predefined GITLAB_*
+# (gitlabhq doc/ci/variables/predefined_variables.md), for a shipper started inside a CI job, and systemd's
+# STATE_DIRECTORY (systemd.exec(5): set for StateDirectory=, which the unit uses).
+FOREIGN_VARIABLES = frozenset({"GITLAB_CI", "GITLAB_FEATURES", "GITLAB_USER_EMAIL", "GITLAB_USER_ID",
+                               "GITLAB_USER_LOGIN", "GITLAB_USER_NAME", "STATE_DIRECTORY"})
+KNOWN_PREFIXES = tuple(sorted({name.split("_", 1)[0] + "_" for name in KNOWN_VARIABLES if "_" in name}
+                              | {"API_POST_"}))
 
 T = TypeVar("T")
 
@@ -115,6 +148,11 @@ class Config:
     metrics_textfile: Path | None = None  # Prometheus textfile, rewritten after every cycle
 
     ignored_variables: tuple[str, ...] = ()
+    # Not fatal, said by `check` (a "!" line) and logged once each at start: unknown variables, secret files
+    # every user can read.
+    warnings: tuple[str, ...] = ()
+    # The env file's lines that systemd's EnvironmentFile= would read differently (for `check`).
+    systemd_differences: tuple[str, ...] = ()
     job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
     document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
     gitlab_api: str = "auto"  # GITLAB_API: auto (GraphQL detection when GitLab offers it) | rest | graphql
@@ -368,35 +406,121 @@ def _refs(name: str, raw: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_environment(env_file: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """Merge ``.env`` values under the real environment (the environment wins, as with load_dotenv).
+def read_environment(env_file: str | os.PathLike[str] | EnvFile | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The env file's values under the real environment: real environment > env file > built-in default.
 
-    ``env_file=None`` reads ``./.env`` when it exists; an explicitly named file must exist.
+    ``env_file=None`` reads ``./.env`` when it exists; a named file must exist (a FIFO or ``/dev/fd/N`` is fine:
+    it is read once, by :func:`~gitlab_log_shipper.envfile.read_env_file`, whose docstring gives the syntax).
     """
     values: dict[str, str] = {}
-    if env_file is None:
-        candidate = Path(".env")
-        path: Path | None = candidate if candidate.is_file() else None
-    else:
-        path = Path(env_file)
-        if not path.is_file():
-            raise ConfigError("--env-file", f"no such file: {str(path)!r}")
-    if path is not None:
-        try:
-            loaded = dotenv_values(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("--env-file", f"cannot read {str(path)!r}: {exc.__class__.__name__}") from None
-        values.update({k: v for k, v in loaded.items() if v is not None})
+    loaded = _env_file(env_file)
+    if loaded is not None:
+        values.update(loaded.values)
     values.update(environ)
     return values
 
 
-def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def _env_file(env_file: str | os.PathLike[str] | EnvFile | None) -> EnvFile | None:
+    if isinstance(env_file, EnvFile):
+        return env_file
+    if env_file is None:
+        return read_env_file(".env") if Path(".env").is_file() else None
+    return read_env_file(env_file)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Names in ``env`` with one of our prefixes that no setting has, each with the closest known name (or None):
+    ``POLL_INTERVALL`` → ``POLL_INTERVAL``, ``API_POST_ENABLE`` → ``API_POST_ENABLED``. Sorted by name."""
+    found = []
+    for name in sorted(env):
+        if name in KNOWN_VARIABLES or name in FOREIGN_VARIABLES or not name.startswith(KNOWN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.75)
+        found.append((name, close[0] if close else None))
+    return found
+
+
+def _unknown_warnings(env: Mapping[str, str]) -> list[str]:
+    return [f"{name} is not a setting of gitlab-log-shipper and is ignored"
+            + (f"; did you mean {suggestion}?" if suggestion else "")
+            for name, suggestion in unknown_variables(env)]
+
+
+def _read_secret_file(variable: str, path: Path) -> tuple[str, list[str]]:
+    """A secret's file → (value, warnings). Errors name ``variable`` and the path, never the content."""
+    shown = repr(str(path))
+    try:
+        # O_NONBLOCK: a FIFO without a writer must not hang the start; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ConfigError(variable, f"{shown} is not a regular file")
+        with open(fd, "rb") as handle:
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(variable, f"no such file: {shown}") from None
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {shown}: {exc.strerror or exc.__class__.__name__}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(variable, f"{shown} is larger than {MAX_SECRET_FILE_BYTES // 1024} KiB: not a secret")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(variable, f"{shown} is not UTF-8 text") from None
+    text = text[:-1] if text.endswith("\n") else text  # echo and editors add one (then stripped like any variable)
+    warnings = []
+    if info.st_mode & stat.S_IROTH:
+        warnings.append(f"{variable}: {shown} can be read by every user of this machine; chmod o-r it (0600 or 0640)")
+    return text, warnings
+
+
+def _secret(env: Mapping[str, str], name: str) -> tuple[str | None, str, list[str]]:
+    """A secret from exactly one of NAME, NAME_FILE or the systemd credential → (value, where it came from, warnings).
+
+    The value is returned as read (the plain variable's caller strips it as it strips every variable)."""
+    plain = env.get(name)
+    file_name = env.get(f"{name}_FILE")
+    sources: list[tuple[str, Path | None]] = []
+    if plain is not None and plain.strip():
+        sources.append((name, None))
+    if file_name is not None and file_name.strip():
+        sources.append((f"{name}_FILE", Path(file_name.strip())))
+    credentials = env.get(CREDENTIALS_DIRECTORY, "").strip()
+    if credentials:
+        credential = Path(credentials) / SECRET_SOURCES[name]
+        if os.path.lexists(credential):
+            sources.append((f"the systemd credential {SECRET_SOURCES[name]}", credential))
+    if not sources:
+        return None, name, []
+    if len(sources) > 1:
+        raise ConfigError(name, f"is given twice, by {' and by '.join(where for where, _ in sources)}; keep one")
+    where, path = sources[0]
+    if path is None:
+        return plain, name, []
+    value, warnings = _read_secret_file(where, path)
+    if not value.strip():
+        raise ConfigError(where, f"{str(path)!r} is empty")
+    return value, where, warnings
+
+
+def load_config(env_file: str | os.PathLike[str] | EnvFile | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the whole configuration. Raises ConfigError on the first bad variable."""
-    env = read_environment(env_file, os.environ if environ is None else environ)
+    loaded = _env_file(env_file)
+    env = read_environment(loaded, os.environ if environ is None else environ)
+    warnings = _unknown_warnings(env)
+    secrets: dict[str, str | None] = {}
+    secret_origin: dict[str, str] = {}
+    for secret_name in SECRET_SOURCES:
+        value, origin, file_warnings = _secret(env, secret_name)
+        secrets[secret_name], secret_origin[secret_name] = value, origin
+        warnings.extend(file_warnings)
 
     def get(name: str, default: str | None = None) -> str | None:
-        value = env.get(name)
+        if name not in KNOWN_VARIABLES:
+            raise AssertionError(f"{name} is read by load_config but missing from KNOWN_VARIABLES")
+        value = secrets[name] if name in secrets else env.get(name)
         if value is None or value.strip() == "":
             return default
         return value.strip()
@@ -407,15 +531,17 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
     def required(name: str) -> str:
         value = get(name)
         if value is None:
-            raise ConfigError(name, "is required but not set")
+            hint = f" (nor {name}_FILE)" if name in SECRET_SOURCES else ""
+            raise ConfigError(name, f"is required but not set{hint}")
         return value
 
     gitlab_url = _http_url("GITLAB_URL", required("GITLAB_URL"), allow_query=False).rstrip("/")
     gitlab_token = required("GITLAB_TOKEN")
+    token_origin = secret_origin["GITLAB_TOKEN"]  # errors name the file or credential the value came from
     if len(gitlab_token) < 10:
-        raise ConfigError("GITLAB_TOKEN", "looks truncated (shorter than 10 characters)")
+        raise ConfigError(token_origin, "looks truncated (shorter than 10 characters)")
     if any(ch.isspace() for ch in gitlab_token):
-        raise ConfigError("GITLAB_TOKEN", "contains whitespace")
+        raise ConfigError(token_origin, "contains whitespace")
 
     log_level = (get("LOG_LEVEL", "INFO") or "INFO").upper()
     if log_level not in LOG_LEVELS:
@@ -428,9 +554,9 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         raise ConfigError("API_POST_URL", "is required when API_POST_ENABLED=true")
     api_token = get("API_POST_AUTH_TOKEN")
     if api_token is not None and any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in api_token):
-        raise ConfigError("API_POST_AUTH_TOKEN", "contains whitespace or control characters")
+        raise ConfigError(secret_origin["API_POST_AUTH_TOKEN"], "contains whitespace or control characters")
     if api_token is not None and api_token == gitlab_token:
-        raise ConfigError("API_POST_AUTH_TOKEN", "is GITLAB_TOKEN itself: the receiver would be handed access to "
+        raise ConfigError(secret_origin["API_POST_AUTH_TOKEN"], "is GITLAB_TOKEN itself: the receiver would be handed access to "
                                                  "GitLab; give it a token of its own")
 
     # Transport: TLS is verified unless switched off explicitly; a private CA is given as a bundle.
@@ -450,7 +576,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
                                           "unencrypted; use https, or set API_POST_ALLOW_INSECURE=true to accept that")
 
     try:
-        redact_patterns = parse_patterns(env.get("LOG_REDACT_PATTERNS") or "")
+        redact_patterns = parse_patterns(env.get("LOG_REDACT_PATTERNS") or "")  # unstripped: a pattern may end in a blank
     except PatternError as exc:
         raise ConfigError("LOG_REDACT_PATTERNS", str(exc)) from None
 
@@ -462,8 +588,13 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
     log_output_dir = Path(get("LOG_OUTPUT_DIR", "./logs/pipeline-logs") or "./logs/pipeline-logs")
 
     # -- operating it ------------------------------------------------------------------------------
-    api_post_headers = parse_post_headers("API_POST_HEADERS", get("API_POST_HEADERS", "") or "",
+    api_post_headers = parse_post_headers(secret_origin["API_POST_HEADERS"], get("API_POST_HEADERS", "") or "",
                                           auth_token_set=api_token is not None)
+    if api_post_enabled and api_post_headers and plain_http_to_remote(api_post_url) and not allow_insecure:
+        # The header values are secrets as much as the bearer token (a gateway key): the same rule as above.
+        raise ConfigError("API_POST_URL", "is plain http to a non-loopback host, so the API_POST_HEADERS values would "
+                                          "travel unencrypted; use https, or set API_POST_ALLOW_INSECURE=true to "
+                                          "accept that")
     log_format = (get("LOG_FORMAT", "text") or "text").lower()
     if log_format not in LOG_FORMATS:
         raise ConfigError("LOG_FORMAT", f"expected text or json, got {get('LOG_FORMAT')!r}")
@@ -477,7 +608,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         gitlab_token=gitlab_token,
         gitlab_projects=opt("GITLAB_PROJECTS", "", _refs),
         gitlab_groups=opt("GITLAB_GROUPS", "", _refs),
-        gitlab_timeout=opt("GITLAB_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1, maximum=MAX_TIMEOUT)),
+        gitlab_timeout=opt("GITLAB_TIMEOUT", "30", lambda n, r: _duration(n, r, minimum=1, maximum=MAX_TIMEOUT)),
         gitlab_tls_verify=gitlab_tls_verify,
         gitlab_ca_bundle=gitlab_ca_bundle,
         poll_interval=opt("POLL_INTERVAL", "60", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
@@ -491,7 +622,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         log_level=log_level,
         retry_attempts=int(opt("RETRY_ATTEMPTS", "3", lambda n, r: _number(n, r, minimum=0, maximum=MAX_RETRY_ATTEMPTS,
                                                                             integer=True))),
-        retry_delay=opt("RETRY_DELAY", "2", lambda n, r: _number(n, r, minimum=0, maximum=MAX_RETRY_DELAY)),
+        retry_delay=opt("RETRY_DELAY", "2", lambda n, r: _duration(n, r, minimum=0, maximum=MAX_RETRY_DELAY)),
         save_pipeline_status=opt("LOG_SAVE_PIPELINE_STATUS", "all", _pipeline_status_filter),
         save_projects=save_projects,
         exclude_projects=exclude_projects,
@@ -500,7 +631,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         api_post_enabled=api_post_enabled,
         api_post_url=api_post_url,
         api_post_auth_token=api_token,
-        api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _number(n, r, minimum=1, maximum=MAX_TIMEOUT)),
+        api_post_timeout=opt("API_POST_TIMEOUT", "30", lambda n, r: _duration(n, r, minimum=1, maximum=MAX_TIMEOUT)),
         api_post_retry_enabled=opt("API_POST_RETRY_ENABLED", "true", _bool),
         api_post_save_to_file=opt("API_POST_SAVE_TO_FILE", "false", _bool),
         outbox_max_bytes=opt("OUTBOX_MAX_BYTES", "5G", lambda n, r: _size(n, r, minimum=1024 * 1024)),
@@ -523,6 +654,8 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         log_format=log_format,
         metrics_textfile=metrics_textfile,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
+        warnings=tuple(warnings),
+        systemd_differences=tuple(str(d) for d in loaded.differences) if loaded is not None else (),
         job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
         gitlab_api=opt("GITLAB_API", "auto", lambda n, r: _choice(n, r, ("auto", "rest", "graphql"))),

@@ -1,6 +1,7 @@
 """Application logging: one line per event on stderr (journald) and in ``LOG_DIR/gitlab-log-shipper.log``.
 
-* ``LOG_FORMAT=text`` (default): ``2026-11-26 20:02:05,123 INFO gitlab_log_shipper.shipper: message``.
+* ``LOG_FORMAT=text`` (default): ``2026-11-26T20:02:05.123Z INFO gitlab_log_shipper.shipper: message`` (UTC, like
+  every other time the shipper writes).
   A traceback or a message with line breaks stays one line (breaks become `` | ``), so one event is one
   journal entry and ``grep`` finds it whole.
 * ``LOG_FORMAT=json``: one JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
@@ -43,6 +44,11 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def utc_millis(created: float) -> str:
+    """A log record's time as ``2026-12-01T13:36:04.551Z``."""
+    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _one_line(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " | ")
 
@@ -54,6 +60,11 @@ class TextFormatter(logging.Formatter):
         super().__init__(FORMAT)
         self.secrets = tuple(secrets)
         self.syslog_prefix = syslog_prefix
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        """UTC with an explicit ``Z`` (logging's default is local time without a zone): a line read on another
+        machine, or next to the JSON log and the documents, means the same instant."""
+        return utc_millis(record.created)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = escape_controls(_one_line(record.message))
@@ -74,8 +85,7 @@ class JsonFormatter(TextFormatter):
 
     def render(self, record: logging.LogRecord) -> str:
         event: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": utc_millis(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": escape_controls(record.getMessage()),

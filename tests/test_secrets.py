@@ -154,3 +154,52 @@ def test_repr_and_errors_of_the_configuration_hold_no_secret() -> None:
         assert not leaks(text.encode()), text
     result = CliRunner().invoke(main, ["--help"], env={"GITLAB_TOKEN": GITLAB_SECRET, "API_POST_AUTH_TOKEN": API_SECRET})
     assert result.exit_code == 0 and not leaks(result.output.encode())
+
+
+HEADER_SECRET = "gateway-SECRET-key-4242"
+
+
+def test_secrets_from_files_and_credentials_never_reach_any_output(tmp_path: Path, loose_umask: None) -> None:
+    """Issue 14: the tokens and a header value given as a systemd credential and as *_FILE files, through a
+    debug-level run, check, and the configuration errors of such files (both set, too short, bad headers)."""
+    world = World(token=GITLAB_SECRET)
+    project = world.add_project("team/app", name="App")
+    world.add_pipeline(project.id, status="success", jobs=[JobSpec("build", "build", "success", log="ok\n")])
+    secrets_dir = tmp_path / "secrets"
+    credentials = secrets_dir / "credentials"
+    credentials.mkdir(parents=True)
+    (credentials / "gitlab_token").write_text(GITLAB_SECRET + "\n")
+    (secrets_dir / "api").write_text(API_SECRET + "\n")
+    (secrets_dir / "headers").write_text(f"X-Api-Key: {HEADER_SECRET}\n")
+    (secrets_dir / "short").write_text(API_SECRET[:3] + " " + API_SECRET[3:])
+    for path in secrets_dir.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)  # world-readable: warned about, and the warning must not quote them either
+    outputs: list[str] = []
+    with GitLabSimulator(world) as sim, Receiver() as receiver:
+        env = make_env(tmp_path, sim, receiver, GITLAB_TOKEN="", API_POST_AUTH_TOKEN="",
+                       CREDENTIALS_DIRECTORY=str(credentials), API_POST_AUTH_TOKEN_FILE=str(secrets_dir / "api"),
+                       API_POST_HEADERS_FILE=str(secrets_dir / "headers"))
+        result = env.invoke("run", "--once", LOG_LEVEL="DEBUG")
+        outputs.append(result.output)
+        assert result.exit_code == 0, result.output
+        accepted = receiver.accepted()
+        assert accepted and accepted[0].header("Authorization") == f"Bearer {API_SECRET}"
+        assert accepted[0].header("X-Api-Key") == HEADER_SECRET
+        assert "can be read by every user" in result.output
+        check = env.invoke("check")
+        outputs.append(check.output)
+        assert check.exit_code == 0 and "! configuration: the systemd credential gitlab_token:" in check.output
+        for overrides, variable in (({"GITLAB_TOKEN": GITLAB_SECRET}, "GITLAB_TOKEN"),
+                                    ({"API_POST_AUTH_TOKEN_FILE": str(secrets_dir / "short")}, "API_POST_AUTH_TOKEN_FILE"),
+                                    ({"API_POST_HEADERS_FILE": str(secrets_dir / "api")}, "API_POST_HEADERS_FILE")):
+            for command in (("run", "--once"), ("check",)):
+                failed = env.invoke(*command, **overrides)
+                outputs.append(failed.output)
+                assert failed.exit_code == 2 and variable in failed.output, failed.output
+    written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and secrets_dir not in path.parents}
+    assert any(p.name == "gitlab-log-shipper.log" for p in written)
+    for path, data in written.items():
+        assert not leaks(data) and HEADER_SECRET.encode() not in data, path
+    for out in outputs:
+        assert not leaks(out.encode()) and HEADER_SECRET not in out, out

@@ -41,7 +41,7 @@ from shipper_helpers import documents, make_env
 TLS = Path(__file__).resolve().parent / "tls"
 CA = str(TLS / "ca.pem")
 BASE = {"GITLAB_URL": "https://gitlab.example.com", "GITLAB_TOKEN": "glpat-abcdefghijklmnop"}
-APP_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+APP_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 
 
 def server_tls() -> ssl.SSLContext:
