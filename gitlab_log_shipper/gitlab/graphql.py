@@ -268,7 +268,7 @@ class GraphQLDetector:
                 return self.source.gl.http_request("post", self.url, post_data=body, retry_transient_errors=False,
                                                    timeout=REQUEST_TIMEOUT)
             except requests.exceptions.ReadTimeout as exc:  # GitLab is there but slow with this batch
-                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:.0f} s") from exc
+                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:g} s") from exc
 
         self.requests += 1
         try:
@@ -291,6 +291,8 @@ class GraphQLDetector:
             data, _ = self.post(PROBE_QUERY, None, "GraphQL probe")
         except GraphQLUnusable as exc:
             return Probe(False, str(exc))
+        except _Split as exc:  # no answer in time: GitLab is slow or starting; a smaller probe does not exist
+            raise GitLabSourceError(exc.reason) from None  # as unreachable: decided at a later cycle
         errors = _messages(data.get("errors"))
         if errors and not data.get("data"):
             return Probe(False, f"GraphQL probe refused: {errors[0]}")
@@ -385,8 +387,11 @@ class GraphQLDetector:
         except GraphQLUnusable:
             raise
         except GitLabSourceError as exc:
-            if exc.status is None or exc.status in (401, 403):
-                raise  # GitLab cannot be reached, or refuses the token: smaller batches would not help
+            if exc.status is None or exc.status in (401, 403, 429):
+                # GitLab cannot be reached, refuses the token, or its rate limit held after python-gitlab's own
+                # waits and retries (max_retries): smaller batches would not help, and sending both halves at once
+                # would spend more of a budget that is gone. The rest waits for the next cycle.
+                raise
             raise _Split(str(exc)) from exc  # 5xx, 413, 422 "Query too large": smaller batches may pass
         elapsed = self.monotonic() - began
         errors = data.get("errors")
