@@ -412,7 +412,7 @@ class GraphQLDetector:
                 for project_id, _ in block:
                     results[project_id] = Detected(project_id, started, error=f"{what}: {reason}; will retry next cycle")
                 continue
-            results.update(self._read_block(answer[alias], block, started, date, what))
+            results.update(self._read_block(answer[alias], block, started, date, what, _failed_nodes(errors, alias)))
         self.timings.append((len(batch.wanted), elapsed))  # answered batches only
         self._adapt(len(batch.wanted), elapsed)
         return results
@@ -444,13 +444,21 @@ class GraphQLDetector:
                 self.batch = grown
 
     def _read_block(self, block: dict[str, Any], wanted: list[tuple[int, datetime]], started: datetime,
-                    date: datetime | None, what: str) -> dict[int, Detected]:
+                    date: datetime | None, what: str, failed: Mapping[int, str]) -> dict[int, Detected]:
+        """``failed``: index in ``nodes`` → GraphQL error inside that project's node (it waits for the next cycle)."""
         since_of = dict(wanted)
         results: dict[int, Detected] = {}
-        for node in _list(block.get("nodes"), f"{what}: projects"):
+        _list(block.get("nodes"), f"{what}: projects")  # the shape checked
+        for index, node in enumerate(block.get("nodes") or []):
+            if not isinstance(node, dict):
+                continue
             project_id = _gid(node.get("id"), PROJECT_GID, f"{what}: project id")
             if project_id not in since_of:
                 continue  # GitLab answered for a project we did not ask about: ignored
+            if index in failed:
+                results[project_id] = Detected(project_id, started,
+                                               error=f"{what}: {failed[index]}; will retry next cycle")
+                continue
             listing = Listing(gitlab_now=date)
             try:
                 for name in (CONNECTIONS if self.children else CONNECTIONS[:1]):
@@ -525,12 +533,38 @@ def _messages(errors: Any) -> list[str]:
     return [str(e.get("message")) if isinstance(e, dict) else str(e) for e in errors]
 
 
+def _error_paths(errors: Any) -> list[tuple[list[Any], str]]:
+    return [(error["path"], str(error.get("message"))[:200]) for error in (errors if isinstance(errors, list) else [])
+            if isinstance(error, dict) and isinstance(error.get("path"), list) and error["path"]]
+
+
+def _node_index(path: list[Any]) -> int | None:
+    """The project node an error's path points into (``[alias, "nodes", i, ...]``), else None."""
+    if len(path) >= 3 and path[1] == "nodes" and isinstance(path[2], int) and not isinstance(path[2], bool):
+        return path[2]
+    return None
+
+
 def _failed_aliases(errors: Any) -> dict[str, str]:
-    """alias → message, for errors whose path names one of our blocks."""
+    """alias → message, for errors of a whole block (its path names the block, not one project node in it).
+
+    graphql-ruby nulls the nearest nullable field of an error and names it in the path: an error inside one
+    project (``["b0", "nodes", 3, "all"]``: ``Project.pipelines`` is nullable) leaves its block-mates answered,
+    so it costs that project only (see :func:`_failed_nodes`)."""
     failed: dict[str, str] = {}
-    for error in errors if isinstance(errors, list) else []:
-        if isinstance(error, dict) and isinstance(error.get("path"), list) and error["path"]:
-            failed.setdefault(str(error["path"][0]), str(error.get("message"))[:200])
+    for path, message in _error_paths(errors):
+        if _node_index(path) is None:
+            failed.setdefault(str(path[0]), message)
+    return failed
+
+
+def _failed_nodes(errors: Any, alias: str) -> dict[int, str]:
+    """Index in the block's ``nodes`` → message, for errors inside one project node of that block."""
+    failed: dict[int, str] = {}
+    for path, message in _error_paths(errors):
+        index = _node_index(path)
+        if index is not None and str(path[0]) == alias:
+            failed.setdefault(index, message)
     return failed
 
 
