@@ -271,3 +271,30 @@ def test_a_lagging_project_does_not_cost_its_block_mates_follow_up_pages(
     finally:
         shipper.close()
     assert cost == 1, cost  # nothing moved in the busy projects: one POST, as in any idle cycle
+
+
+# -- 6. stop set while a busy project's pages are followed ---------------------------------------------------------
+
+
+def test_stop_during_detection_sends_no_further_page(tmp_path: Path, world: World, gitlab_sim: GitLabSimulator,
+                                                     receiver: Receiver) -> None:
+    # detect() looked at `stop` only between batches; _follow paged a project to its end (up to MAX_FOLLOW_PAGES,
+    # each POST up to REQUEST_TIMEOUT) after SIGTERM: after an outage, minutes before the daemon could stop.
+    project = world.add_project("team/busy")
+    for _ in range(250):  # three pages of 100
+        world.add_pipeline(project.id, status="failed")
+    env = make_env(tmp_path, gitlab_sim, receiver, GITLAB_API="graphql", LOG_SAVE_PIPELINE_STATUS="success")
+    shipper = _shipper(env.values)
+    posts = _Posts(gitlab_sim)
+
+    def stop_after_first(endpoint: str, args: list[str], params: dict[str, Any]) -> None:
+        if endpoint == "graphql" and "query Detect" in str(params.get("query", "")):
+            shipper.stop.set()  # SIGTERM while GitLab answers the first page
+
+    gitlab_sim.on_request(stop_after_first)
+    try:
+        report = shipper.run_cycle()
+    finally:
+        shipper.close()
+    assert posts.take() == 1
+    assert report.counts[SHIPPED] == 0 and not report.counts["filtered"]  # nothing handled, the cursor stays

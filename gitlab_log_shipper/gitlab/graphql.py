@@ -247,6 +247,7 @@ class GraphQLDetector:
         self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
         self._emails: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
+        self._stop: threading.Event | None = None  # the running detect()'s stop event
 
     def __repr__(self) -> str:
         return f"GraphQLDetector(url={self.url!r}, batch={self.batch})"
@@ -314,6 +315,7 @@ class GraphQLDetector:
         next cycle. Raises GraphQLUnusable when GitLab cannot serve the query at all, GitLabSourceError when GitLab
         cannot be reached or rejects the token (as REST would)."""
         ordered = sorted(wanted, key=lambda item: item[1])
+        self._stop = stop  # also looked at between a busy project's pages (_follow)
         before = self.requests
         with self._lock:
             self._emails = {}
@@ -485,6 +487,8 @@ class GraphQLDetector:
             info = connection.get("pageInfo") if isinstance(connection.get("pageInfo"), dict) else {}
             if not info.get("hasNextPage"):
                 return
+            if self._stop is not None and self._stop.is_set():  # shutting down: the cursor stays, nothing is lost
+                raise GitLabSourceError(f"{what}: stopping before its next page")
             cursor = info.get("endCursor")
             if not isinstance(cursor, str):
                 raise GitLabSourceError(f"{what}: hasNextPage without an endCursor")
