@@ -298,3 +298,28 @@ def test_stop_during_detection_sends_no_further_page(tmp_path: Path, world: Worl
         shipper.close()
     assert posts.take() == 1
     assert report.counts[SHIPPED] == 0 and not report.counts["filtered"]  # nothing handled, the cursor stays
+
+
+# -- 7. the cycle plan and projects listed through REST ------------------------------------------------------------
+
+
+def test_projects_listed_through_rest_count_in_the_cycle_plan(tmp_path: Path, world: World,
+                                                             gitlab_sim: GitLabSimulator, receiver: Receiver) -> None:
+    # poll_interval stretched the interval by detector.last_requests only: projects absent from GraphQL's answer are
+    # listed with REST (one or two requests each, every cycle), which the plan did not see. 20 such projects under a
+    # budget of 100 a minute (detection's share: 10) cost 41 requests a cycle at a 1 s interval: 2,460 a minute.
+    for i in range(20):
+        world.add_project(f"team/p{i:02}")
+    env = make_env(tmp_path, gitlab_sim, receiver, GITLAB_API="graphql", GITLAB_REQUEST_BUDGET="100")
+    shipper = _shipper(env.values)
+    try:
+        shipper.run_cycle()
+        absent = json.dumps({"data": {"b0": {"pageInfo": {"hasNextPage": False, "endCursor": None}, "nodes": []}}})
+        gitlab_sim.inject("graphql", 200, count=1, headers={"Content-Type": "application/json"}, body=absent)
+        gitlab_sim.reset_counters()
+        shipper.run_cycle()
+        listed = gitlab_sim.counters["pipelines"]
+        assert listed == 40  # the normal list and the child list of each project
+        assert shipper.poll_interval >= (listed + 1) * 60 / (0.10 * 100)
+    finally:
+        shipper.close()
