@@ -274,6 +274,7 @@ class Shipper:
         except GitLabSourceError as exc:
             if self.api_mode is None:
                 log.warning("cannot probe GitLab's GraphQL API (%s); this cycle lists with REST", exc)
+                self.api_reason = f"GraphQL could not be probed ({str(exc)[:200]}); REST until it can"
 
     def _detect(self, projects: list[ProjectRef], report: CycleReport) -> dict[int, Detected]:
         """GraphQL mode: every project's changes, a few POSTs for all of them. On a GraphQL failure as a whole
