@@ -109,7 +109,8 @@ class Operations(CycleHooks):
             self.shipper.state, self.config, report, started=started, finished=finished,
             rate_limit_remaining=getattr(self.shipper.source, "rate_limit_remaining", None),
             projects=self.shipper.known_projects,
-            detection=(getattr(self.shipper, "api_mode", None), getattr(self.shipper, "api_reason", ""))))
+            # api_mode None: not decided yet (the probe failed), and this cycle listed with REST
+            detection=(getattr(self.shipper, "api_mode", None) or "rest", getattr(self.shipper, "api_reason", ""))))
         self.write_metrics()
         outbox = f"; outbox {report.counts[OUTBOX_WAITING]}" if self.shipper.delivery is not None else ""
         errors = f"; {len(report.project_errors)} project error(s)" if report.project_errors else ""

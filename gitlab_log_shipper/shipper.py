@@ -225,6 +225,8 @@ class Shipper:
         self.api_reason = "GITLAB_API=rest" if config.gitlab_api == "rest" else "not probed yet"
         self._probe_again_at: datetime | None = None
         self._missing_in_graphql: set[int] = set()  # projects already said to be absent from GraphQL's answers
+        self._rest_listing_requests = 0  # GraphQL mode: the latest cycle's REST listing requests (poll_interval)
+        self._rest_listing_lock = threading.Lock()  # added to by the project pool
         self.missing_projects: list[DiscoveryProblem] = []  # of the latest discovery
         self._previous_poll: datetime | None = None  # the newest cursor at the start of the cycle
         # Three pools, so that no task ever waits for a task queued behind it in its own pool: projects
@@ -244,7 +246,9 @@ class Shipper:
         GITLAB_REQUEST_BUDGET (a minute's requests): polling often must not eat the budget that shipping needs."""
         if self.api_mode != "graphql":
             return self.config.poll_interval
-        planned = self.detector.last_requests * 60.0 / (DETECTION_SHARE * self.config.gitlab_request_budget)
+        # Projects absent from GraphQL's answers are listed with REST every cycle: that is detection's cost too.
+        spent = self.detector.last_requests + self._rest_listing_requests
+        planned = spent * 60.0 / (DETECTION_SHARE * self.config.gitlab_request_budget)
         return max(self.config.effective_poll_interval_graphql, planned)
 
     # -- how changes are found (GITLAB_API) ------------------------------------------------------
@@ -275,6 +279,7 @@ class Shipper:
         except GitLabSourceError as exc:
             if self.api_mode is None:
                 log.warning("cannot probe GitLab's GraphQL API (%s); this cycle lists with REST", exc)
+                self.api_reason = f"GraphQL could not be probed ({str(exc)[:200]}); REST until it can"
 
     def _detect(self, projects: list[ProjectRef], report: CycleReport) -> dict[int, Detected]:
         """GraphQL mode: every project's changes, a few POSTs for all of them. On a GraphQL failure as a whole
@@ -395,6 +400,7 @@ class Shipper:
         known = self.state.cursors()
         self._previous_poll = max(known.values()) if known else None
         self._decide_api()
+        self._rest_listing_requests = 0
         detected = self._detect(projects, report) if self.api_mode == "graphql" and projects else {}
         polled = sum(_all_results(self._project_pool, poll, projects))
         report.gitlab_unreachable = bool(projects) and polled == 0 and not self.stop.is_set()
@@ -482,6 +488,9 @@ class Shipper:
             if detected is not None and detected.missing:
                 self._listed_through_rest(project, report)
             listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
+            if detected is not None:
+                with self._rest_listing_lock:
+                    self._rest_listing_requests += listing.requests
         if listing.gitlab_now is not None and since > listing.gitlab_now:
             # A cursor ahead of GitLab's clock: set by an earlier version from a row stamped by a node whose clock
             # ran ahead, or by a clock that was wrong. What finished since the last real poll would be skipped.

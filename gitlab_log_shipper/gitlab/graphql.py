@@ -247,6 +247,7 @@ class GraphQLDetector:
         self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
         self._emails: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
+        self._stop: threading.Event | None = None  # the running detect()'s stop event
 
     def __repr__(self) -> str:
         return f"GraphQLDetector(url={self.url!r}, batch={self.batch})"
@@ -268,7 +269,7 @@ class GraphQLDetector:
                 return self.source.gl.http_request("post", self.url, post_data=body, retry_transient_errors=False,
                                                    timeout=REQUEST_TIMEOUT)
             except requests.exceptions.ReadTimeout as exc:  # GitLab is there but slow with this batch
-                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:.0f} s") from exc
+                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:g} s") from exc
 
         self.requests += 1
         try:
@@ -291,6 +292,8 @@ class GraphQLDetector:
             data, _ = self.post(PROBE_QUERY, None, "GraphQL probe")
         except GraphQLUnusable as exc:
             return Probe(False, str(exc))
+        except _Split as exc:  # no answer in time: GitLab is slow or starting; a smaller probe does not exist
+            raise GitLabSourceError(exc.reason) from None  # as unreachable: decided at a later cycle
         errors = _messages(data.get("errors"))
         if errors and not data.get("data"):
             return Probe(False, f"GraphQL probe refused: {errors[0]}")
@@ -312,6 +315,7 @@ class GraphQLDetector:
         next cycle. Raises GraphQLUnusable when GitLab cannot serve the query at all, GitLabSourceError when GitLab
         cannot be reached or rejects the token (as REST would)."""
         ordered = sorted(wanted, key=lambda item: item[1])
+        self._stop = stop  # also looked at between a busy project's pages (_follow)
         before = self.requests
         with self._lock:
             self._emails = {}
@@ -385,8 +389,11 @@ class GraphQLDetector:
         except GraphQLUnusable:
             raise
         except GitLabSourceError as exc:
-            if exc.status is None or exc.status in (401, 403):
-                raise  # GitLab cannot be reached, or refuses the token: smaller batches would not help
+            if exc.status is None or exc.status in (401, 403, 429):
+                # GitLab cannot be reached, refuses the token, or its rate limit held after python-gitlab's own
+                # waits and retries (max_retries): smaller batches would not help, and sending both halves at once
+                # would spend more of a budget that is gone. The rest waits for the next cycle.
+                raise
             raise _Split(str(exc)) from exc  # 5xx, 413, 422 "Query too large": smaller batches may pass
         elapsed = self.monotonic() - began
         errors = data.get("errors")
@@ -407,7 +414,7 @@ class GraphQLDetector:
                 for project_id, _ in block:
                     results[project_id] = Detected(project_id, started, error=f"{what}: {reason}; will retry next cycle")
                 continue
-            results.update(self._read_block(answer[alias], block, started, date, what))
+            results.update(self._read_block(answer[alias], block, started, date, what, _failed_nodes(errors, alias)))
         self.timings.append((len(batch.wanted), elapsed))  # answered batches only
         self._adapt(len(batch.wanted), elapsed)
         return results
@@ -439,13 +446,21 @@ class GraphQLDetector:
                 self.batch = grown
 
     def _read_block(self, block: dict[str, Any], wanted: list[tuple[int, datetime]], started: datetime,
-                    date: datetime | None, what: str) -> dict[int, Detected]:
+                    date: datetime | None, what: str, failed: Mapping[int, str]) -> dict[int, Detected]:
+        """``failed``: index in ``nodes`` → GraphQL error inside that project's node (it waits for the next cycle)."""
         since_of = dict(wanted)
         results: dict[int, Detected] = {}
-        for node in _list(block.get("nodes"), f"{what}: projects"):
+        _list(block.get("nodes"), f"{what}: projects")  # the shape checked
+        for index, node in enumerate(block.get("nodes") or []):
+            if not isinstance(node, dict):
+                continue
             project_id = _gid(node.get("id"), PROJECT_GID, f"{what}: project id")
             if project_id not in since_of:
                 continue  # GitLab answered for a project we did not ask about: ignored
+            if index in failed:
+                results[project_id] = Detected(project_id, started,
+                                               error=f"{what}: {failed[index]}; will retry next cycle")
+                continue
             listing = Listing(gitlab_now=date)
             try:
                 for name in (CONNECTIONS if self.children else CONNECTIONS[:1]):
@@ -472,6 +487,8 @@ class GraphQLDetector:
             info = connection.get("pageInfo") if isinstance(connection.get("pageInfo"), dict) else {}
             if not info.get("hasNextPage"):
                 return
+            if self._stop is not None and self._stop.is_set():  # shutting down: the cursor stays, nothing is lost
+                raise GitLabSourceError(f"{what}: stopping before its next page")
             cursor = info.get("endCursor")
             if not isinstance(cursor, str):
                 raise GitLabSourceError(f"{what}: hasNextPage without an endCursor")
@@ -520,12 +537,38 @@ def _messages(errors: Any) -> list[str]:
     return [str(e.get("message")) if isinstance(e, dict) else str(e) for e in errors]
 
 
+def _error_paths(errors: Any) -> list[tuple[list[Any], str]]:
+    return [(error["path"], str(error.get("message"))[:200]) for error in (errors if isinstance(errors, list) else [])
+            if isinstance(error, dict) and isinstance(error.get("path"), list) and error["path"]]
+
+
+def _node_index(path: list[Any]) -> int | None:
+    """The project node an error's path points into (``[alias, "nodes", i, ...]``), else None."""
+    if len(path) >= 3 and path[1] == "nodes" and isinstance(path[2], int) and not isinstance(path[2], bool):
+        return path[2]
+    return None
+
+
 def _failed_aliases(errors: Any) -> dict[str, str]:
-    """alias → message, for errors whose path names one of our blocks."""
+    """alias → message, for errors of a whole block (its path names the block, not one project node in it).
+
+    graphql-ruby nulls the nearest nullable field of an error and names it in the path: an error inside one
+    project (``["b0", "nodes", 3, "all"]``: ``Project.pipelines`` is nullable) leaves its block-mates answered,
+    so it costs that project only (see :func:`_failed_nodes`)."""
     failed: dict[str, str] = {}
-    for error in errors if isinstance(errors, list) else []:
-        if isinstance(error, dict) and isinstance(error.get("path"), list) and error["path"]:
-            failed.setdefault(str(error["path"][0]), str(error.get("message"))[:200])
+    for path, message in _error_paths(errors):
+        if _node_index(path) is None:
+            failed.setdefault(str(path[0]), message)
+    return failed
+
+
+def _failed_nodes(errors: Any, alias: str) -> dict[int, str]:
+    """Index in the block's ``nodes`` → message, for errors inside one project node of that block."""
+    failed: dict[int, str] = {}
+    for path, message in _error_paths(errors):
+        index = _node_index(path)
+        if index is not None and str(path[0]) == alias:
+            failed.setdefault(index, message)
     return failed
 
 
