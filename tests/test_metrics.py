@@ -6,6 +6,7 @@ import re
 import stat
 from pathlib import Path
 
+from gitlab_log_shipper import __version__
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
@@ -82,7 +83,7 @@ def test_textfile_after_cycles(tmp_path: Path, world: World, gitlab_sim: GitLabS
         assert first['gitlab_log_shipper_pipelines_total{outcome="shipped"}'] == 1
         assert first['gitlab_log_shipper_pipelines_total{outcome="filtered"}'] == 1
         assert first['gitlab_log_shipper_pipelines_total{outcome="failed"}'] == 0
-        assert first['gitlab_log_shipper_info{version="0.1.0",mode="dual"}'] == 1
+        assert first[f'gitlab_log_shipper_info{{version="{__version__}",mode="dual"}}'] == 1
         assert first["gitlab_log_shipper_outbox_documents"] == 0
         assert first["gitlab_log_shipper_last_cycle_duration_seconds"] > 0
         assert first["gitlab_log_shipper_last_success_timestamp_seconds"] == first["gitlab_log_shipper_last_cycle_timestamp_seconds"]
