@@ -202,3 +202,22 @@ def test_promtool_accepts_the_textfile(tmp_path: Path, world: World, gitlab_sim:
         assert f"# TYPE gitlab_log_shipper_{family} " in text, family
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
+
+
+def test_operations_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    """OPERATIONS.md's alert rules are a rule file Prometheus loads, and every metric they use is one we write."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    text = (Path(__file__).resolve().parent.parent / "OPERATIONS.md").read_text("utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL) if b.startswith("groups:"))
+    rules = tmp_path / "rules.yml"
+    rules.write_text(block, "utf-8")
+    lint = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    source = (Path(__file__).resolve().parent.parent / "gitlab_log_shipper" / "metrics.py").read_text("utf-8")
+    for name in set(re.findall(r"gitlab_log_shipper_([a-z_]+)", block)):
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name.startswith(("delivery_latency", "cycle_duration")) else name
+        assert f'"{base}"' in source or f"_{base}" in source, f"the rules use gitlab_log_shipper_{name}, never written"
+    for alert in ("NoRecentCycle", "RetryingLong", "DeadLettersGrowing", "OutboxGrowing", "GitLab5xx", "LatencyHigh"):
+        assert f"alert: GitlabLogShipper{alert}" in block

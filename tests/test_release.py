@@ -195,6 +195,9 @@ def test_build_upgrade_and_roll_back(tmp_path: Path, world: World, gitlab_sim: G
         _installed(venv, env, cwd, version)
 
     install(OLD)
+    completion = _cli(venv, {**env, "_GITLAB_LOG_SHIPPER_COMPLETE": "bash_complete",
+                             "COMP_WORDS": "gitlab-log-shipper re", "COMP_CWORD": "1"}, cwd)
+    assert completion.stdout.split() == ["plain,redeliver"], completion  # OPERATIONS.md's "Shell completion"
     before = _ship_one(world, project.id, receiver, venv, env, cwd, "a", 1)
     install(NEW)  # the upgrade: the old version's state store is the new one's (nothing shipped again)
     after = _ship_one(world, project.id, receiver, venv, env, cwd, "b", 2)
