@@ -24,6 +24,7 @@ import click
 
 from . import __version__
 from .check import Check, run_checks
+from .counters import COUNTERS
 from .config import LOG_LEVELS, Config, load_config, parse_duration, prepare_directories
 from .daemon import StopSignals, run_forever, run_in_worker
 from .dryrun import Preview
@@ -198,6 +199,7 @@ def main(ctx: click.Context, env_file: str | None, log_level: str | None, verbos
         raise click.UsageError(f"-v/--verbose means --log-level DEBUG; it contradicts --log-level {log_level}")
     ctx.ensure_object(dict)
     ctx.obj["env_file"] = env_file
+    COUNTERS.take()  # a command counts its own requests (in-process callers run several; see counters.py)
     ctx.obj["log_level"] = "DEBUG" if verbose else log_level.upper() if log_level else None
 
 

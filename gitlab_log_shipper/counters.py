@@ -5,7 +5,8 @@ They are process-wide because one process runs one command: the sessions that ma
 (:class:`~gitlab_log_shipper.gitlab.rest.GitLabSession`, :class:`~gitlab_log_shipper.poster.ApiPoster`) add to
 them, and :mod:`stats` takes what was added since the last time into the state store's totals with every cycle
 (and every ``backfill``/``post``), where ``status`` and the textfile read them across restarts. Requests of
-commands that record nothing (``check``, ``status``) are not counted. This module imports nothing of the package
+commands that record nothing (``check``, dry runs) are not counted; the CLI group starts every command from zero,
+so that in-process callers running several commands (tests, CliRunner) see what a process would. This module imports nothing of the package
 so that any layer may count.
 """
 

@@ -130,13 +130,16 @@ def test_requests_by_status_bytes_and_cycle_durations(tmp_path: Path, world: Wor
     world.add_pipeline(project.id, status="success", jobs=[JobSpec("a", "test", "success", log="x" * 5000 + "\n")])
     seen: Counter[str] = Counter()
     gitlab_sim.on_request(lambda endpoint, args, params: seen.update(["request"]))
-    gitlab_sim.inject("pipeline_jobs", 503)  # python-gitlab retries it: one 503, then 200
     answers = iter([Reply(503), Reply(500)])
     textfile = tmp_path / "collector" / "gitlab_log_shipper.prom"
     textfile.parent.mkdir()
     with Receiver() as rec:
-        rec.set_script(lambda req: next(answers, Reply(200)))  # urllib3 retries: 503, 500, then 202-like 200
         env = make_env(tmp_path, gitlab_sim, rec, METRICS_TEXTFILE=str(textfile), RETRY_ATTEMPTS="3")
+        assert env.invoke("check").exit_code == 0  # its requests are not counted: it records nothing
+        seen.clear()
+        rec.clear()  # check reached the receiver too
+        gitlab_sim.inject("pipeline_jobs", 503)  # python-gitlab retries it: one 503, then 200
+        rec.set_script(lambda req: next(answers, Reply(200)))  # urllib3 retries: 503, 500, then 200
         assert _run(env) == 0
         first = parse(textfile.read_text("utf-8"))
         assert _run(env) == 0  # an idle cycle: GitLab requests only
