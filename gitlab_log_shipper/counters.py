@@ -6,8 +6,8 @@ They are process-wide because one process runs one command: the sessions that ma
 them, and :mod:`stats` takes what was added since the last time into the state store's totals with every cycle
 (and every ``backfill``/``post``), where ``status`` and the textfile read them across restarts. Requests of
 commands that record nothing (``check``, dry runs) are not counted; the CLI group starts every command from zero,
-so that in-process callers running several commands (tests, CliRunner) see what a process would. This module imports nothing of the package
-so that any layer may count.
+so that in-process callers running several commands (tests, CliRunner) see what a process would. This module
+imports nothing of the package so that any layer may count.
 """
 
 from __future__ import annotations
