@@ -15,14 +15,17 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
 from . import __version__
 from .check import Check, run_checks
-from .config import Config, load_config, parse_duration, prepare_directories
+from .counters import COUNTERS
+from .config import LOG_LEVELS, Config, load_config, parse_duration, prepare_directories
 from .daemon import StopSignals, run_forever, run_in_worker
 from .dryrun import Preview
 from .envfile import read_env_file
@@ -40,6 +43,40 @@ from .timeutil import parse_ts, utcnow
 
 log = logging.getLogger("gitlab_log_shipper")
 
+# The systemd unit and .env.example as installed with the package (setup.cfg's package_data), so that the
+# help can name a path that exists on this machine whether it runs from a wheel or a checkout.
+SHARE_DIR = Path(__file__).resolve().parent / "share"
+
+# What each command's --help says it reads. Every command validates the whole configuration (a typo fails
+# everywhere alike); these are the variables that change what the command does (see .env.example).
+_COMMON = "STATE_DIR, LOG_DIR, LOG_LEVEL, LOG_FORMAT"
+_GITLAB = ("GITLAB_URL, GITLAB_TOKEN (or GITLAB_TOKEN_FILE), GITLAB_PROJECTS, GITLAB_GROUPS, GITLAB_API, GITLAB_TIMEOUT, GITLAB_TLS_VERIFY, "
+           "GITLAB_CA_BUNDLE, GITLAB_MAX_REQUESTS_PER_SECOND, GITLAB_REQUEST_BUDGET, SHARD, POLL_CHILD_PIPELINES, "
+           "DISCOVERY_INTERVAL")
+_DOCUMENT = ("LOG_SAVE_PIPELINE_STATUS, LOG_SAVE_PROJECTS, LOG_EXCLUDE_PROJECTS, LOG_SAVE_JOB_STATUS, DOCUMENT_FIELDS, "
+             "MAX_JOB_LOG_BYTES, JOB_LOG_TIMEOUT, LOG_REDACT_PATTERNS, CONCURRENCY")
+_RECEIVER = ("API_POST_ENABLED, API_POST_URL, API_POST_AUTH_TOKEN (or API_POST_AUTH_TOKEN_FILE), "
+             "API_POST_HEADERS (or API_POST_HEADERS_FILE), API_POST_TIMEOUT, "
+             "API_POST_TLS_VERIFY, API_POST_CA_BUNDLE, API_POST_ALLOW_INSECURE, API_POST_COMPRESSION, API_POST_MAX_BYTES, "
+             "API_POST_RETRY_ENABLED, RETRY_ATTEMPTS, RETRY_DELAY, API_REQUESTS_LOG_MAX_BYTES, API_REQUESTS_LOG_BACKUPS")
+_OUTBOX = "OUTBOX_MAX_AGE, OUTBOX_MAX_BYTES, OUTBOX_RETRY_MAX"
+_FILES = "API_POST_SAVE_TO_FILE, LOG_OUTPUT_DIR, LOG_SAVE_METADATA_ALWAYS"
+_SHIPPING = f"{_GITLAB}, {_DOCUMENT}, {_RECEIVER}, {_OUTBOX}, {_FILES}"
+READS = {
+    "run": f"{_COMMON}, {_SHIPPING}, POLL_INTERVAL, POLL_OVERLAP, INITIAL_LOOKBACK, METRICS_TEXTFILE; "
+           "under systemd NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID, JOURNAL_STREAM",
+    "backfill": f"{_COMMON}, {_SHIPPING}",
+    "post": f"{_COMMON}, {_SHIPPING}",
+    "redeliver": f"{_COMMON}, {_RECEIVER}, {_OUTBOX}",
+    "check": f"{_COMMON}, {_SHIPPING}, METRICS_TEXTFILE",
+    "status": f"{_COMMON}, API_POST_ENABLED, API_POST_SAVE_TO_FILE, POLL_INTERVAL (reads STATE_DIR only: no network)",
+}
+
+
+def _reads(command: str) -> str:
+    """The help's closing paragraph: the variables ``command`` reads (kept whole by click's \\b marker)."""
+    return f"\n\nVariables read: {READS[command]}."
+
 
 def _fail(exc: ShipperError) -> NoReturn:
     prefix = "configuration error" if isinstance(exc, ConfigError) else "error"
@@ -52,7 +89,7 @@ def _load(ctx: click.Context, *, log_file: bool = True) -> Config:
     folders (created 0700 and proven writable) and logging; then the security warnings of every start."""
     ctx.with_resource(tightened_umask())
     try:
-        config = load_config(ctx.obj.get("env_file"))
+        config = _config(ctx)
         if log_file:  # status and dry runs create nothing
             prepare_directories(config)
         setup_logging(config, to_file=log_file, journald=stderr_is_journal(os.environ))
@@ -63,6 +100,13 @@ def _load(ctx: click.Context, *, log_file: bool = True) -> Config:
     if config.ignored_variables:
         click.echo(f"note: {', '.join(config.ignored_variables)} only applied to the webhook collector; ignored", err=True)
     return config
+
+
+def _config(ctx: click.Context) -> Config:
+    """The configuration, with the group's ``--log-level``/``-v`` over LOG_LEVEL."""
+    config = load_config(ctx.obj.get("env_file"))
+    level = ctx.obj.get("log_level")
+    return replace(config, log_level=level) if level else config
 
 
 @contextmanager
@@ -156,25 +200,45 @@ class _Main(click.Group):
         return super().parse_args(ctx, _hoist_env_file(list(args)))
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+MAIN_HELP = f"""Ship every finished GitLab CI pipeline, with every job's log, to a log API and/or files.
+
+Configuration comes from the environment and .env. Installed with the package: every variable explained,
+and the systemd unit (each command's --help names the variables it reads):
+
+\b
+  {SHARE_DIR / "env.example"}
+  {SHARE_DIR / "gitlab-log-shipper.service"}
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 unusable state store,
+128 + N stopped by signal N (130: SIGINT). See OPERATIONS.md, "Exit codes".
+
+Shell completion (bash; zsh_source and fish_source likewise, see OPERATIONS.md):
+
+\b
+  eval "$(_GITLAB_LOG_SHIPPER_COMPLETE=bash_source gitlab-log-shipper)"
+"""
+
+
+@click.group(cls=_Main, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gitlab-log-shipper")
 @click.option("--env-file", type=click.Path(dir_okay=False, allow_dash=False), default=None,
               help="Read settings from this file instead of ./.env (the environment still wins). May also follow "
                    "the command; a pipe or /dev/fd/N works (read once). Syntax: OPERATIONS.md, \"Configure\".")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+              help="Log at this level, whatever LOG_LEVEL says.")
+@click.option("-v", "--verbose", is_flag=True, help="The same as --log-level DEBUG.")
 @click.pass_context
-def main(ctx: click.Context, env_file: str | None) -> None:
-    """Ship every finished GitLab CI pipeline, with every job's log, to a log API and/or files.
-
-    Configuration comes from the environment and .env; see .env.example for every variable.
-    Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 unusable state store,
-    128 + N stopped by signal N (130: SIGINT). See OPERATIONS.md, "Exit codes".
-    """
+def main(ctx: click.Context, env_file: str | None, log_level: str | None, verbose: bool) -> None:
+    if verbose and log_level and log_level.upper() != "DEBUG":
+        raise click.UsageError(f"-v/--verbose means --log-level DEBUG; it contradicts --log-level {log_level}")
     ctx.ensure_object(dict)
     # Read here, once: a pipe or /dev/fd/N has nothing left for a second reader. load_config takes the EnvFile.
     try:
         ctx.obj["env_file"] = read_env_file(env_file) if env_file is not None and not ctx.resilient_parsing else None
     except ConfigError as exc:
         _fail(exc)
+    COUNTERS.take()  # a command counts its own requests (in-process callers run several; see counters.py)
+    ctx.obj["log_level"] = "DEBUG" if verbose else log_level.upper() if log_level else None
 
 
 def dry_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -334,7 +398,7 @@ def check(ctx: click.Context, send_test: bool) -> None:
     """Validate the configuration, then reach GitLab, the projects, the receiver and the folders: one
     line per check, exit 0 only if all pass. Changes nothing (unless --send-test)."""
     try:
-        config = load_config(ctx.obj.get("env_file"))
+        config = _config(ctx)
     except ConfigError as exc:
         click.echo(f"{_mark(Check('configuration', False, ''))} configuration: {exc}")
         sys.exit(exc.exit_code)
@@ -411,6 +475,17 @@ def _print_report(report: CycleReport, *, each: bool = True, err: bool = False) 
     click.echo(f"summary: {report.summary()}", err=err)
     for error in report.project_errors:
         click.echo(f"project error: {error}", err=True)
+
+
+def _name_variables(group: click.Group) -> None:
+    """Close every command's help with the variables it reads (READS; a command without an entry is left as it
+    is here, and tests/test_release.py fails for it)."""
+    for name, command in group.commands.items():
+        if name in READS:
+            command.help = (command.help or "").rstrip() + _reads(name)
+
+
+_name_variables(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -151,6 +151,7 @@ class Config:
     # Not fatal, said by `check` (a "!" line) and logged once each at start: unknown variables, secret files
     # every user can read.
     warnings: tuple[str, ...] = ()
+    unknown_names: tuple[str, ...] = ()  # variables with the shipper's prefixes that are no setting (misspellings?)
     # The env file's lines that systemd's EnvironmentFile= would read differently (for `check`).
     systemd_differences: tuple[str, ...] = ()
     job_log_timeout: float = 600.0  # JOB_LOG_TIMEOUT: a whole job-log download, every attempt included
@@ -510,6 +511,7 @@ def load_config(env_file: str | os.PathLike[str] | EnvFile | None = None,
     loaded = _env_file(env_file)
     env = read_environment(loaded, os.environ if environ is None else environ)
     warnings = _unknown_warnings(env)
+    unknown_names = tuple(name for name, _ in unknown_variables(env))
     secrets: dict[str, str | None] = {}
     secret_origin: dict[str, str] = {}
     for secret_name in SECRET_SOURCES:
@@ -655,6 +657,7 @@ def load_config(env_file: str | os.PathLike[str] | EnvFile | None = None,
         metrics_textfile=metrics_textfile,
         ignored_variables=tuple(name for name in IGNORED_VARIABLES if get(name) is not None),
         warnings=tuple(warnings),
+        unknown_names=unknown_names,
         systemd_differences=tuple(str(d) for d in loaded.differences) if loaded is not None else (),
         job_log_timeout=opt("JOB_LOG_TIMEOUT", "10m", lambda n, r: _duration(n, r, minimum=1, maximum=WEEK)),
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),

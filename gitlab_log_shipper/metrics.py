@@ -10,6 +10,13 @@ daemon stops writing.
 delivered latency (see :mod:`latency`), cumulative since the state store was created: it is kept in the store, so
 a restart does not reset it (a new state store does, which ``rate()`` takes as a counter reset). Absent in
 file-only mode, where nothing is measured.
+
+What an SRE alerts on (issue 14), cumulative in the store like the totals: ``gitlab_requests_total{code}`` and
+``receiver_requests_total{code}`` (every HTTP attempt, retries included; code 0 when no answer came, see
+:mod:`counters`), ``shipped_bytes_total`` (document bytes accepted with a 2xx) and ``shipped_log_bytes_total``,
+the ``cycle_duration_seconds`` histogram next to the last cycle's gauge, and ``pipelines_failing_repeatedly``.
+Names follow Prometheus' conventions (``_total`` counters, base units, HELP and TYPE lines), which
+``promtool check metrics`` verifies in tests/test_metrics.py.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 
 from .fileout import atomic_write
 
-from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
+from .stats import CYCLES, INCOMPLETE_CYCLES, REPEATED_ATTEMPTS, TOTALS
 from .timeutil import parse_ts
 
 PREFIX = "gitlab_log_shipper"
@@ -57,6 +64,9 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
     metric("request_log_write_failures_total", "counter",
            "Lines that could not be written to api-requests.log (deliveries are not affected).",
            [("", totals.get("request_log_write_failures", 0))])
+    metric("unknown_variables", "gauge",
+           "Variables with the shipper's prefixes that are no setting (misspelled?): the start-up log names them.",
+           [("", snapshot.get("unknown_variables"))])
     detection = snapshot.get("detection")
     metric("detection_info", "gauge", "How the latest poll cycle found changes (GITLAB_API): rest or graphql.",
            [(f'{{mode="{detection["mode"]}"}}', 1)] if detection else [])
@@ -98,10 +108,38 @@ def render(snapshot: dict[str, Any], now: datetime) -> str:
     metric("gitlab_rate_limit_remaining", "gauge",
            "GitLab API requests left in the current rate-limit window (RateLimit-Remaining).",
            [("", snapshot["gitlab_rate_limit_remaining"])])
+    metric("pipelines_failing_repeatedly", "gauge",
+           f"Pipelines on the retry list that failed {REPEATED_ATTEMPTS} or more attempts.",
+           [("", retrying.get("failing_repeatedly"))])
+    counters = snapshot.get("counters") or {}
+    requests = counters.get("requests") or {}
+    metric("gitlab_requests_total", "counter",
+           "HTTP requests to GitLab by status code (0: no answer), every attempt including python-gitlab's retries.",
+           [(f'{{code="{code}"}}', n) for code, n in (requests.get("gitlab") or {}).items()])
+    metric("receiver_requests_total", "counter",
+           "POSTs to API_POST_URL by status code (0: no answer), every attempt including urllib3's retries.",
+           [(f'{{code="{code}"}}', n) for code, n in (requests.get("receiver") or {}).items()])
+    metric("shipped_bytes_total", "counter",
+           "Document bytes the receiver answered 2xx for, as sent (gzip-compressed with API_POST_COMPRESSION=gzip).",
+           [("", counters.get("shipped_bytes"))])
+    metric("shipped_log_bytes_total", "counter", "Job-log bytes of the pipelines shipped (to the receiver or files).",
+           [("", counters.get("shipped_log_bytes"))])
+    out.extend(_histogram(f"{PREFIX}_cycle_duration_seconds", "How long poll cycles took.",
+                          counters.get("cycle_duration")))
     out.extend(_latency(snapshot.get("latency")))
     metric("textfile_written_timestamp_seconds", "gauge", "When this file was written (Unix time).",
            [("", round(now.timestamp(), 3))])
     return "\n".join(out) + "\n"
+
+
+def _histogram(name: str, help_text: str, values: dict[str, Any] | None) -> list[str]:
+    """A histogram without labels from {buckets: {le: cumulative count}, sum_seconds, count}; nothing before
+    its first observation."""
+    if not values or not values["count"]:
+        return []
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {count}' for le, count in values["buckets"].items()]
+    return lines + [f"{name}_sum {values['sum_seconds']!r}", f"{name}_count {values['count']}"]
 
 
 def _latency(timed: dict[str, Any] | None) -> list[str]:

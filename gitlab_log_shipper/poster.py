@@ -28,6 +28,7 @@ from urllib3.util.retry import Retry
 
 from . import __version__
 from .config import Config
+from .counters import COUNTERS, NO_ANSWER, RECEIVER, SHIPPED_BYTES, count_request
 from .security import escape_for_log, mask_secrets, open_private, private_mkdir
 
 log = logging.getLogger(__name__)
@@ -413,6 +414,7 @@ class ApiPoster:
                         self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
                     )
                     status = response.status_code
+                    _count_answers(response, size)
                     retry_after = _retry_after(response)
                     text = _response_text(response)  # still under the answer's deadline
                 finally:
@@ -421,6 +423,8 @@ class ApiPoster:
             if not 200 <= status < 300:
                 error = response.reason or f"HTTP {status}"
         except requests.RequestException as exc:
+            if status is None:  # no answer in the end (urllib3 keeps no history in its MaxRetryError): one 0
+                count_request(RECEIVER, NO_ANSWER)
             error = _describe(exc)
             if post is not None and post.cut:
                 error = (f"no complete answer within {self.timeout:g} s (API_POST_TIMEOUT) of sending the document, "
@@ -466,6 +470,17 @@ def _response_text(response: requests.Response) -> str:
     finally:
         response.close()
     return raw.decode(response.encoding or "utf-8", errors="replace")[:RESPONSE_LOG_LIMIT]
+
+
+def _count_answers(response: requests.Response, size: int) -> None:
+    """Count every answer of this POST for the metrics: the ones urllib3's Retry retried (its history) and the
+    last; the document's bytes when the receiver accepted it."""
+    retries = getattr(response.raw, "retries", None)
+    for attempt in getattr(retries, "history", ()) or ():
+        count_request(RECEIVER, attempt.status)  # None (no answer, e.g. a reset) counts as 0
+    count_request(RECEIVER, response.status_code)
+    if 200 <= response.status_code < 300:
+        COUNTERS.add(SHIPPED_BYTES, size)
 
 
 def _describe(exc: requests.RequestException) -> str:

@@ -9,10 +9,12 @@ all the same — the file output is what the receiver's data falls back to.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Iterable
+import math
+from datetime import datetime, timedelta
+from typing import Iterable, Mapping
 
 from .config import Config
+from .counters import COUNTERS, SHIPPED_BYTES
 from .shipper import (
     DEAD_LETTERED,
     DUPLICATE,
@@ -37,11 +39,22 @@ FELL_BACK_TO_FILE = "fell_back_to_file"
 TOTALS = (SHIPPED, FILTERED, DUPLICATE, FAILED, FELL_BACK_TO_FILE, QUEUED_OUTCOME, DEAD_LETTERED, GONE,
           OUTBOX_SENT, OUTBOX_DEAD)
 CYCLES, INCOMPLETE_CYCLES = "cycles", "cycles_incomplete"
+SHIPPED_LOG_BYTES = "shipped_log_bytes"
+# Cycle durations (seconds) as a histogram: from a sub-second idle cycle to a backlog that takes most of an hour.
+CYCLE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+CYCLE_BUCKET, CYCLE_SUM_MS, CYCLE_COUNT = "cycle_duration.bucket.", "cycle_duration.sum_ms", "cycle_duration.count"
+# A pipeline on the retry list after this many failed attempts is "failing repeatedly" (the two quick retries
+# before the backoff have not helped: see OPERATIONS.md, "Monitor").
+REPEATED_ATTEMPTS = 3
 
 
 def outcome_counts(config: Config, report: CycleReport) -> dict[str, int]:
+    """The totals a run adds: its outcomes, the log bytes of the pipelines it shipped, and the requests (by
+    target and status) and accepted document bytes counted since the last run was recorded (:mod:`counters`)."""
     counts = {name: report.counts[name] for name in (*TOTALS, REQUEST_LOG_FAILURES, GRAPHQL_FALLBACKS, REST_LISTED)
               if name != FELL_BACK_TO_FILE and report.counts[name]}
+    counts[SHIPPED_LOG_BYTES] = sum(r.log_bytes for r in report.results if r.outcome == SHIPPED)
+    counts.update(COUNTERS.take())
     if config.mode == "dual":
         fell_back = report.counts[QUEUED_OUTCOME] + report.counts[DEAD_LETTERED]
         if fell_back:
@@ -61,6 +74,7 @@ def record_cycle(state: StateStore, config: Config, report: CycleReport, *, star
     changes (``detection``: GITLAB_API's choice and its reason)."""
     counts = outcome_counts(config, report)
     counts[CYCLES] = 1
+    counts.update(_cycle_duration(finished - started))
     if not report.complete:
         counts[INCOMPLETE_CYCLES] = 1
     values = {
@@ -84,3 +98,36 @@ def record_cycle(state: StateStore, config: Config, report: CycleReport, *, star
     names = {f"project.{p.id}": p.path_with_namespace or p.name or "" for p in projects}
     values.update(names)
     state.record_stats(counts, values, replace_prefix="project." if names else None)
+
+
+def _cycle_duration(duration: timedelta) -> dict[str, int]:
+    """One cycle's contribution to the duration histogram: its bucket (one count per bound, not cumulative: one
+    write per cycle), its whole milliseconds (integers add exactly) and one to the count."""
+    seconds = max(0.0, duration.total_seconds())
+    bound = next((b for b in CYCLE_BUCKETS if seconds <= b), math.inf)
+    return {f"{CYCLE_BUCKET}{'+Inf' if math.isinf(bound) else repr(float(bound))}": 1,
+            CYCLE_SUM_MS: int(round(seconds * 1000)), CYCLE_COUNT: 1}
+
+
+def metric_counters(stats: Mapping[str, str]) -> dict[str, object]:
+    """What the metrics textfile shows beyond ``status``'s totals, from the state store's stats: ``requests``
+    ({target: {code: count}}), ``shipped_bytes``, ``shipped_log_bytes`` and ``cycle_duration`` (cumulative
+    ``buckets`` {le: count} ending with +Inf, ``sum_seconds``, ``count``)."""
+    requests: dict[str, dict[str, int]] = {"gitlab": {}, "receiver": {}}
+    for key, value in stats.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["count", "requests"] and parts[2] in requests and parts[3].isdigit():
+            requests[parts[2]][parts[3]] = int(value)
+    prefix = f"count.{CYCLE_BUCKET}"
+    stored = {key[len(prefix):]: int(value) for key, value in stats.items() if key.startswith(prefix)}
+    count = int(stats.get(f"count.{CYCLE_COUNT}", "0"))
+    buckets = {repr(float(b)): sum(n for le, n in stored.items() if float(le) <= b) for b in CYCLE_BUCKETS}
+    buckets["+Inf"] = count
+    return {
+        "requests": {target: dict(sorted(codes.items(), key=lambda item: int(item[0])))
+                     for target, codes in requests.items()},
+        "shipped_bytes": int(stats.get(f"count.{SHIPPED_BYTES}", "0")),
+        "shipped_log_bytes": int(stats.get(f"count.{SHIPPED_LOG_BYTES}", "0")),
+        "cycle_duration": {"buckets": buckets, "sum_seconds": int(stats.get(f"count.{CYCLE_SUM_MS}", "0")) / 1000,
+                           "count": count},
+    }

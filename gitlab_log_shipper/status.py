@@ -17,7 +17,7 @@ from .config import Config
 from .errors import ShipperError
 from .state import MARKER_NAME, StateStore
 from .shipper import GRAPHQL_FALLBACKS, REQUEST_LOG_FAILURES, REST_LISTED
-from .stats import CYCLES, INCOMPLETE_CYCLES, TOTALS
+from .stats import CYCLES, INCOMPLETE_CYCLES, REPEATED_ATTEMPTS, TOTALS, metric_counters
 from .timeutil import format_ts, parse_ts
 
 
@@ -77,11 +77,15 @@ def collect(config: Config, state: StateStore, now: datetime) -> dict[str, Any]:
             "pipelines": len(retries),
             "oldest_failed_at": retries[0].first_failed_at if retries else None,
             "oldest_age_seconds": _age(now, retries[0].first_failed_at) if retries else None,
+            "failing_repeatedly": sum(1 for e in retries if e.attempts >= REPEATED_ATTEMPTS),
             "entries": [{"project_id": e.project_id, "pipeline_id": e.pipeline_id, "attempts": e.attempts,
                          "first_failed_at": e.first_failed_at, "next_attempt_at": e.next_attempt_at,
                          "reason": e.reason} for e in retries[:20]],
         },
         "latency": timed,
+        "unknown_variables": len(config.unknown_names),
+        # Request counts by status, bytes shipped, cycle-duration histogram (the metrics textfile's; issue 14).
+        "counters": metric_counters(stats),
     }
 
 

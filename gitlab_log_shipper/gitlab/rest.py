@@ -32,6 +32,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from .. import __version__
 from ..config import Config
+from ..counters import GITLAB, NO_ANSWER, count_request
 from .download import BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, format_seconds
 from .download import restart as restart_sink
 from ..errors import GitLabSourceError
@@ -246,7 +247,12 @@ class GitLabSession(requests.Session):
     def _send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         self.throttle.before_request()
         try:
-            response = super().send(request, **kwargs)
+            try:
+                response = super().send(request, **kwargs)
+            except requests.RequestException:
+                count_request(GITLAB, NO_ANSWER)  # every attempt python-gitlab makes passes here, retries too
+                raise
+            count_request(GITLAB, response.status_code)
             if response.status_code != 429:  # on a 429 python-gitlab already waits (Retry-After / RateLimit-Reset)
                 self.throttle.observe(response.headers)
             return response
