@@ -119,6 +119,7 @@ class Config:
     document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
     gitlab_api: str = "auto"  # GITLAB_API: auto (GraphQL detection when GitLab offers it) | rest | graphql
     gitlab_request_budget: float = 2000.0  # GITLAB_REQUEST_BUDGET: GitLab requests a minute; detection uses <= 10 %
+    health_max_age: float | None = None  # HEALTH_MAX_AGE: `health` fails past it; None = 5 x the POLL_INTERVAL in use
 
     @property
     def effective_poll_interval_graphql(self) -> float:
@@ -527,6 +528,7 @@ def load_config(env_file: str | os.PathLike[str] | None = None, environ: Mapping
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
         gitlab_api=opt("GITLAB_API", "auto", lambda n, r: _choice(n, r, ("auto", "rest", "graphql"))),
         gitlab_request_budget=opt("GITLAB_REQUEST_BUDGET", "2000", lambda n, r: _number(n, r, minimum=10, maximum=10**7)),
+        health_max_age=None if get("HEALTH_MAX_AGE") is None else _duration("HEALTH_MAX_AGE", get("HEALTH_MAX_AGE") or "", minimum=1, maximum=WEEK),
     )
 
 

@@ -139,14 +139,14 @@ def run_in_worker(shipper: Shipper, work: Callable[[], _T], hooks: CycleHooks | 
                 # safe: what was in flight is done again after the restart.
                 if not (signals and signals.hurry.is_set()):
                     log.warning("work in flight did not finish within %.0f s; exiting anyway", SHUTDOWN_GRACE)
-                _exit_now(shipper.spool_root, signals.exit_code() if signals else 0,
+                exit_now(shipper.spool_root, signals.exit_code() if signals else 0,
                           signals.farewell() if signals else None)
     if "error" in box:
         raise box["error"]
     return None if stopping else box.get("result")
 
 
-def _exit_now(spool: Path, code: int, farewell: str | None) -> None:
+def exit_now(spool: Path, code: int, farewell: str | None) -> None:
     """End the process with worker threads still running: no interpreter shutdown (it would wait for them),
     but the spool removed (it holds copies of job logs) and what was printed flushed. The kernel releases
     STATE_DIR/lock; an SQLite transaction in flight is rolled back on the next open."""
