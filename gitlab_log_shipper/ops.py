@@ -30,6 +30,7 @@ Failures here (a metrics folder that is not writable, a full disk) are logged an
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
 import time
@@ -200,7 +201,12 @@ class Operations(CycleHooks):
             log.debug("heartbeat not written: %s", exc)
 
     def _exit_wedged(self, why: str) -> None:
+        """Log why, print every thread's stack (where the cycle is stuck, as systemd's SIGABRT would), exit 1."""
         log.error("%s", why)
+        try:
+            faulthandler.dump_traceback(all_threads=True)
+        except (AttributeError, ValueError, OSError):
+            pass  # stderr is not a real file: no stacks, the ERROR line says enough
         exit_now(self.shipper.spool_root, 1, None)
 
     # -- metrics --------------------------------------------------------------------------------
