@@ -100,6 +100,9 @@ class CycleHooks:
     def cycle_failed(self, error: BaseException) -> None:
         """A cycle ended with an error (unexpected, or a busy or full state store); the daemon goes on."""
 
+    def cycle_scheduled(self, delay: float) -> None:
+        """The next cycle starts in ``delay`` seconds (longer than POLL_INTERVAL while GitLab cannot be reached)."""
+
     def tick(self) -> None:
         """Called at least once a second, also while a cycle runs in its worker thread (the watchdog)."""
 
@@ -207,6 +210,7 @@ def run_forever(shipper: Shipper, interval: float | None = None, *, on_cycle: Ca
                                 failures, delay)
         scheduler.clear()
         scheduler.every(max(1, round(delay))).seconds.do(cycle)
+        hooks.cycle_scheduled(max(1, round(delay)))
 
     if not stop.is_set():
         cycle()

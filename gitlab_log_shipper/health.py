@@ -31,6 +31,7 @@ from .timeutil import parse_ts
 CYCLE_STARTED = "heartbeat.cycle_started_at"  # when the cycle in flight (or the last one) started
 PROGRESS = "heartbeat.progress_at"  # the last sign of progress of that cycle
 CYCLE_FAILED = "heartbeat.cycle_failed_at"  # when a cycle last ended in an error (it did not finish)
+NEXT_CYCLE = "heartbeat.next_cycle_at"  # when the daemon scheduled the next cycle, after the last one ended
 FINISHED = "last_cycle.finished_at"  # written by stats.record_cycle
 DETECTION = "gitlab.detection"  # rest | graphql, written by stats.record_cycle
 INTERVAL = "heartbeat.poll_interval_seconds"  # the pause the daemon used when the cycle started (GraphQL may stretch it)
@@ -62,13 +63,28 @@ def max_age(config: Config, interval: float) -> float:
     return config.health_max_age if config.health_max_age is not None else HEALTH_FACTOR * interval
 
 
+# python-gitlab retries a connection that fails (refused, timed out) 10 times, sleeping 0.1 x 2**n s in between
+# (gitlab/utils.py, Retry.handle_retry: 102.3 s in all), without an answer or a line logged: the longest silence
+# of one GitLab request is 11 attempts of GITLAB_TIMEOUT plus those sleeps.
+SILENT_RETRIES_SLEEP = 102.3
+SILENT_ATTEMPTS = 11
+
+
+def silent_request(config: Config) -> float:
+    """The longest a GitLab request may legitimately show nothing: its silent retries (see above)."""
+    return SILENT_ATTEMPTS * config.gitlab_timeout + SILENT_RETRIES_SLEEP
+
+
 def wedged_after(config: Config, interval: float) -> float:
     """Seconds without progress in a running cycle after which the daemon exits by itself (the self-watchdog,
     for supervisors without one: Docker, a plain shell, Kubernetes when the probe is missing): twice
     HEALTH_MAX_AGE, so that ``health`` (and a liveness probe) says so first, and at least 3 × POLL_INTERVAL.
-    Progress includes every chunk of a body read (ops.py), so a long download is not silence; the longest
-    legitimate silence is one wait for an answer (GITLAB_TIMEOUT, API_POST_TIMEOUT) or a rate-limit pause."""
-    return max(2 * max_age(config, interval), 3 * interval)
+    With HEALTH_MAX_AGE's default, also at least :func:`silent_request` (7.2 min with GITLAB_TIMEOUT=30), so that
+    an unreachable GitLab is never taken for a wedged cycle; a HEALTH_MAX_AGE that is set is the operator's
+    word (OPERATIONS.md says to keep it above half that). Progress includes every chunk of a body read
+    (ops.py), so a long download is not silence."""
+    limit = max(2 * max_age(config, interval), 3 * interval)
+    return limit if config.health_max_age is not None else max(limit, silent_request(config))
 
 
 def read_stats(state_dir: Path) -> dict[str, str] | None:
@@ -119,6 +135,14 @@ def evaluate(config: Config, stats: Mapping[str, str] | None, now: datetime) -> 
     age = _seconds(now, finished)
     if age < limit:
         return Health(True, f"healthy: the last poll cycle finished {age:.0f} s ago ({allowed})")
+    # Backing off (GitLab unreachable: the pause doubles up to 15 min) is waiting, not a stall: the pause beyond
+    # POLL_INTERVAL is added to the allowance. Only a plan made after the last cycle ended counts.
+    planned = _stamp(stats, NEXT_CYCLE)
+    if planned is not None and ended is not None and planned > ended:
+        backoff = _seconds(planned, ended) - interval
+        if backoff > 0 and age < limit + backoff:
+            return Health(True, f"healthy: the last poll cycle finished {age:.0f} s ago; the daemon is backing off, next "
+                                f"cycle at {planned:%Y-%m-%dT%H:%M:%SZ} (the pause beyond POLL_INTERVAL is added to {allowed})")
     why = "; cycles since then failed" if failed is not None and failed > finished else ""
     return Health(False, f"unhealthy: the last poll cycle finished {age:.0f} s ago, more than {allowed}{why}")
 

@@ -144,6 +144,10 @@ class Operations(CycleHooks):
         self._write_heartbeat({health.CYCLE_FAILED: format_ts(self.clock())}, self._progress)
         self.notifier.status(f"last cycle failed unexpectedly ({error.__class__.__name__}); retrying on schedule")
 
+    def cycle_scheduled(self, delay: float) -> None:
+        """For ``health``: a pause longer than POLL_INTERVAL (backing off from an unreachable GitLab) is no stall."""
+        self._write_heartbeat({health.NEXT_CYCLE: format_ts(self.clock() + timedelta(seconds=delay))}, self._progress)
+
     def stopping(self) -> None:
         """Shutdown has begun (SIGTERM): tell systemd once."""
         if not self._stopping_sent:

@@ -87,7 +87,10 @@ def test_health_max_age_defaults_to_five_poll_intervals_of_the_detection_in_use(
     assert evaluate(set_interval, {**finished, "gitlab.detection": "graphql"}, now).ok  # 5 x the POLL_INTERVAL given
     stretched = {**finished, "gitlab.detection": "graphql", "heartbeat.poll_interval_seconds": "40"}
     assert evaluate(auto, stretched, now).ok  # the pause the daemon recorded (GraphQL budget stretched it)
-    assert wedged_after(auto, 60.0) == 600.0 and wedged_after(auto, 10.0) == 100.0
+    assert wedged_after(auto, 60.0) == 600.0  # 2 x 5 x 60 s
+    assert wedged_after(auto, 10.0) == 11 * 30 + 102.3  # not 100 s: python-gitlab retries silently for longer
+    explicit = load_config(tmp_path / "none.env", environ={**base, "HEALTH_MAX_AGE": "2s", "POLL_INTERVAL": "1"})
+    assert wedged_after(explicit, 1.0) == 4.0
 
 
 def test_a_cycle_in_progress_is_healthy_while_it_makes_progress(
@@ -147,3 +150,26 @@ def test_a_wedged_cycle_is_unhealthy_and_the_daemon_exits_by_itself(
     assert any(code == 0 and "running since" in line for code, line in verdicts), verdicts  # before 2 s of silence
     assert any(code == 1 and "has shown no progress for" in line for code, line in verdicts), verdicts
     assert not list(Path(env.values["STATE_DIR"]).glob("spool/*")), "the spool was left behind"
+
+
+def test_backing_off_while_gitlab_refuses_the_token_is_not_unhealthy(
+    tmp_path: Path, world: World, gitlab_sim: GitLabSimulator
+) -> None:
+    """GitLab rejects the token: each cycle ends at once and the pause doubles (2, 4, 8 s with POLL_INTERVAL=1).
+    The last cycle soon finished longer ago than HEALTH_MAX_AGE (1 s), but the daemon is waiting, not wedged."""
+    world.add_project("team/app")
+    env = make_env(tmp_path, gitlab_sim, None, GITLAB_TOKEN="glpat-not-the-right-token", GITLAB_PROJECTS="team/app",
+                   HEALTH_MAX_AGE="1s")
+    proc = start_daemon(env)
+    verdicts = []
+    try:
+        began = time.monotonic()
+        while time.monotonic() - began < 13:
+            verdicts.append(health(env)[:2])
+            time.sleep(0.3)
+    finally:
+        code, output = stop_daemon(proc)
+    assert "next attempt in 8 s" in output, output  # it did back off beyond HEALTH_MAX_AGE + POLL_INTERVAL
+    after_first = verdicts[next(i for i, (_, line) in enumerate(verdicts) if "finished" in line):]
+    assert all(code == 0 for code, _ in after_first), after_first
+    assert any("backing off" in line for _, line in after_first), after_first
