@@ -358,7 +358,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def health(ctx: click.Context) -> None:
     """Exit 0 when the last poll cycle finished less than HEALTH_MAX_AGE ago (default 5 x POLL_INTERVAL) or the
     cycle running now shows progress; else exit 1 saying why. Reads STATE_DIR only and writes nothing: for a
-    container HEALTHCHECK or a Kubernetes exec probe."""
+    container HEALTHCHECK or a Kubernetes exec probe.
+
+    Reads STATE_DIR, HEALTH_MAX_AGE, POLL_INTERVAL and GITLAB_API (and needs the settings `run` needs)."""
     try:
         config = load_config(ctx.obj.get("env_file"))  # no logging set up, no folder created: nothing is written
     except ConfigError as exc:

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from . import health
 from .config import Config
@@ -62,7 +62,6 @@ class Operations(CycleHooks):
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
         stall_limit: float = STALL_LIMIT,
-        exit: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.shipper = shipper
@@ -78,7 +77,6 @@ class Operations(CycleHooks):
         self._stopping_sent = False
         self._beat_written: float | None = None  # monotonic time of the progress the last heartbeat recorded
         self._beat_at = monotonic()  # when the last heartbeat was written
-        self._exit = exit or self._exit_wedged
         for session in self._sessions():
             session.hooks["response"].append(self._on_response)
 
@@ -187,9 +185,9 @@ class Operations(CycleHooks):
         now, progress = self.monotonic(), self._progress
         quiet, limit = now - progress, self.wedged_after()
         if quiet >= limit:
-            self._exit(f"the poll cycle has shown no progress (no answer from GitLab or the receiver, nothing logged) "
+            self._exit_wedged(f"the poll cycle has shown no progress (no answer from GitLab or the receiver, nothing logged) "
                        f"for {quiet:.0f} s, the self-watchdog's limit (2 x HEALTH_MAX_AGE, at least 3 x POLL_INTERVAL: "
-                       f"{limit:.0f} s); exiting 1 so that the supervisor starts it again")
+                       f"{limit:.0f} s; OPERATIONS.md, 'Containers and Kubernetes'); exiting 1 so that the supervisor starts it again")
             return
         every = min(health.HEARTBEAT_EVERY, health.max_age(self.config, self.shipper.poll_interval) / 3)
         if progress != self._beat_written and now - self._beat_at >= every:
@@ -204,7 +202,7 @@ class Operations(CycleHooks):
         except Exception as exc:  # a full disk or a broken store: the cycle itself will say so
             log.debug("heartbeat not written: %s", exc)
 
-    def _exit_wedged(self, why: str) -> None:
+    def _exit_wedged(self, why: str) -> NoReturn:
         """Log why, print every thread's stack (where the cycle is stuck, as systemd's SIGABRT would), exit 1."""
         log.error("%s", why)
         try:
@@ -212,6 +210,7 @@ class Operations(CycleHooks):
         except (AttributeError, ValueError, OSError):
             pass  # stderr is not a real file: no stacks, the ERROR line says enough
         exit_now(self.shipper.spool_root, 1, None)
+        raise SystemExit(1)  # not reached: exit_now ends the process
 
     # -- metrics --------------------------------------------------------------------------------
 
