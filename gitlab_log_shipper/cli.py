@@ -30,6 +30,7 @@ from .daemon import StopSignals, run_forever, run_in_worker
 from .dryrun import Preview
 from .envfile import read_env_file
 from .errors import ConfigError, ShipperError
+from .health import check as check_health
 from .lock import InstanceLock
 from .notify import Notifier
 from .ops import Operations
@@ -70,6 +71,7 @@ READS = {
     "redeliver": f"{_COMMON}, {_RECEIVER}, {_OUTBOX}",
     "check": f"{_COMMON}, {_SHIPPING}, METRICS_TEXTFILE",
     "status": f"{_COMMON}, API_POST_ENABLED, API_POST_SAVE_TO_FILE, POLL_INTERVAL (reads STATE_DIR only: no network)",
+    "health": "STATE_DIR, HEALTH_MAX_AGE, POLL_INTERVAL, GITLAB_API (reads STATE_DIR only, writes nothing)",
 }
 
 
@@ -447,6 +449,21 @@ def status(ctx: click.Context, as_json: bool) -> None:
     else:
         for line in render(snapshot, now):
             click.echo(line)
+
+
+@main.command()
+@click.pass_context
+def health(ctx: click.Context) -> None:
+    """Exit 0 when the last poll cycle finished less than HEALTH_MAX_AGE ago (default 5 x POLL_INTERVAL) or the
+    cycle running now shows progress; else exit 1 saying why. Reads STATE_DIR only and writes nothing: for a
+    container HEALTHCHECK or a Kubernetes exec probe (it needs the settings `run` needs)."""
+    try:
+        config = _config(ctx)  # no logging set up, no folder created: nothing is written
+    except ConfigError as exc:
+        _fail(exc)
+    verdict = check_health(config, utcnow())
+    click.echo(verdict.line, err=not verdict.ok)
+    sys.exit(0 if verdict.ok else 1)
 
 
 def _describe(result: ShipResult) -> str:

@@ -60,7 +60,7 @@ KNOWN_VARIABLES = frozenset({
     "API_POST_SAVE_TO_FILE", "API_POST_TLS_VERIFY", "API_POST_CA_BUNDLE", "API_POST_ALLOW_INSECURE",
     "API_POST_COMPRESSION", "API_POST_MAX_BYTES", "API_POST_HEADERS", "API_REQUESTS_LOG_MAX_BYTES",
     "API_REQUESTS_LOG_BACKUPS", "OUTBOX_MAX_BYTES", "OUTBOX_MAX_AGE", "OUTBOX_RETRY_MAX", "CONCURRENCY",
-    "MAX_JOB_LOG_BYTES", "JOB_LOG_TIMEOUT", "SHARD", "METRICS_TEXTFILE", "DOCUMENT_FIELDS",
+    "MAX_JOB_LOG_BYTES", "JOB_LOG_TIMEOUT", "SHARD", "METRICS_TEXTFILE", "DOCUMENT_FIELDS", "HEALTH_MAX_AGE",
     *IGNORED_VARIABLES, *(f"{name}_FILE" for name in SECRET_SOURCES),
 })
 # The prefixes of our names (GITLAB_, API_POST_, LOG_, POLL_, OUTBOX_, ...): a variable starting with one of them
@@ -158,6 +158,7 @@ class Config:
     document_fields: str = "enriched"  # DOCUMENT_FIELDS: enriched (sections, failure details, links) | design
     gitlab_api: str = "auto"  # GITLAB_API: auto (GraphQL detection when GitLab offers it) | rest | graphql
     gitlab_request_budget: float = 2000.0  # GITLAB_REQUEST_BUDGET: GitLab requests a minute; detection uses <= 10 %
+    health_max_age: float | None = None  # HEALTH_MAX_AGE: `health` fails past it; None = 5 x the POLL_INTERVAL in use
 
     @property
     def effective_poll_interval_graphql(self) -> float:
@@ -663,6 +664,7 @@ def load_config(env_file: str | os.PathLike[str] | EnvFile | None = None,
         document_fields=opt("DOCUMENT_FIELDS", "enriched", lambda n, r: _choice(n, r, ("enriched", "design"))),
         gitlab_api=opt("GITLAB_API", "auto", lambda n, r: _choice(n, r, ("auto", "rest", "graphql"))),
         gitlab_request_budget=opt("GITLAB_REQUEST_BUDGET", "2000", lambda n, r: _number(n, r, minimum=10, maximum=10**7)),
+        health_max_age=None if get("HEALTH_MAX_AGE") is None else _duration("HEALTH_MAX_AGE", get("HEALTH_MAX_AGE") or "", minimum=1, maximum=WEEK),
     )
 
 

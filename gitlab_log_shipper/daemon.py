@@ -100,6 +100,9 @@ class CycleHooks:
     def cycle_failed(self, error: BaseException) -> None:
         """A cycle ended with an error (unexpected, or a busy or full state store); the daemon goes on."""
 
+    def cycle_scheduled(self, delay: float) -> None:
+        """The next cycle starts in ``delay`` seconds (longer than POLL_INTERVAL while GitLab cannot be reached)."""
+
     def tick(self) -> None:
         """Called at least once a second, also while a cycle runs in its worker thread (the watchdog)."""
 
@@ -139,14 +142,14 @@ def run_in_worker(shipper: Shipper, work: Callable[[], _T], hooks: CycleHooks | 
                 # safe: what was in flight is done again after the restart.
                 if not (signals and signals.hurry.is_set()):
                     log.warning("work in flight did not finish within %.0f s; exiting anyway", SHUTDOWN_GRACE)
-                _exit_now(shipper.spool_root, signals.exit_code() if signals else 0,
+                exit_now(shipper.spool_root, signals.exit_code() if signals else 0,
                           signals.farewell() if signals else None)
     if "error" in box:
         raise box["error"]
     return None if stopping else box.get("result")
 
 
-def _exit_now(spool: Path, code: int, farewell: str | None) -> None:
+def exit_now(spool: Path, code: int, farewell: str | None) -> None:
     """End the process with worker threads still running: no interpreter shutdown (it would wait for them),
     but the spool removed (it holds copies of job logs) and what was printed flushed. The kernel releases
     STATE_DIR/lock; an SQLite transaction in flight is rolled back on the next open."""
@@ -207,6 +210,7 @@ def run_forever(shipper: Shipper, interval: float | None = None, *, on_cycle: Ca
                                 failures, delay)
         scheduler.clear()
         scheduler.every(max(1, round(delay))).seconds.do(cycle)
+        hooks.cycle_scheduled(max(1, round(delay)))
 
     if not stop.is_set():
         cycle()

@@ -14,6 +14,14 @@
   (``WatchdogSignal``, SIGABRT: ``faulthandler`` prints every thread's stack to the journal first) and
   restarts it (``Restart=on-failure``). That is safe: every state change is a transaction, work in
   flight is redone.
+* **The self-watchdog**, for supervisors without one (Docker, a shell, Kubernetes without a liveness probe):
+  when the cycle in flight has shown no progress for :func:`health.wedged_after` seconds (twice
+  HEALTH_MAX_AGE, at least 3 × POLL_INTERVAL), the daemon logs an ERROR and exits 1 at once, whatever
+  systemd's watchdog is doing (its STALL_LIMIT is longer). Every chunk of a body read counts as progress
+  too, so a long download is not silence.
+* **The heartbeat** for ``health`` (:mod:`health`): the time a cycle starts and, at most every
+  HEARTBEAT_EVERY seconds while it shows progress, the time of its last progress, in the stats table.
+  Written from the main thread in one short attempt (a busy store skips a beat, never waits).
 * **Statistics** (:mod:`stats`) in the state store after every cycle, for ``status``.
 * **Metrics** (:mod:`metrics`): the Prometheus textfile, when ``METRICS_TEXTFILE`` is set.
 
@@ -22,20 +30,22 @@ Failures here (a metrics folder that is not writable, a full disk) are logged an
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
 import time
-from datetime import datetime
-from typing import Any, Callable
+from datetime import datetime, timedelta
+from typing import Any, Callable, NoReturn
 
+from . import health
 from .config import Config
-from .daemon import CycleHooks
+from .daemon import CycleHooks, exit_now
 from .metrics import render as render_metrics, write_textfile
 from .notify import Notifier
 from .shipper import OUTBOX_WAITING, CycleReport, Shipper
 from .stats import record_cycle
 from .status import collect
-from .timeutil import utcnow
+from .timeutil import format_ts, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +75,8 @@ class Operations(CycleHooks):
         self._last_keepalive: float | None = None
         self._stall_reported = False
         self._stopping_sent = False
+        self._beat_written: float | None = None  # monotonic time of the progress the last heartbeat recorded
+        self._beat_at = monotonic()  # when the last heartbeat was written
         for session in self._sessions():
             session.hooks["response"].append(self._on_response)
 
@@ -75,7 +87,14 @@ class Operations(CycleHooks):
         return sessions
 
     def _on_response(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        """requests response hook (runs in the worker thread): a sign of progress."""
+        """requests response hook (runs in the worker thread): a sign of progress, and so is every chunk of its
+        body read later (the hook runs before the body is read, streamed or not)."""
+        self._progress = self.monotonic()
+        raw = getattr(response, "raw", None)
+        if raw is not None and hasattr(raw, "read"):
+            _count_reads(raw, self._beat)
+
+    def _beat(self) -> None:
         self._progress = self.monotonic()
 
     # -- the daemon's life ----------------------------------------------------------------------
@@ -98,6 +117,9 @@ class Operations(CycleHooks):
         self._progress = self.monotonic()
         self._in_flight = True
         self._stall_reported = False
+        stamp = format_ts(self._started_at)
+        self._write_heartbeat({health.CYCLE_STARTED: stamp, health.PROGRESS: stamp,
+                               health.INTERVAL: f"{self.shipper.poll_interval:g}"}, self._progress)
         self.notifier.status(f"poll cycle running since {self._started_at:%H:%M:%S} UTC")
 
     def cycle_finished(self, report: CycleReport) -> None:
@@ -118,7 +140,12 @@ class Operations(CycleHooks):
 
     def cycle_failed(self, error: BaseException) -> None:
         self._in_flight = False
+        self._write_heartbeat({health.CYCLE_FAILED: format_ts(self.clock())}, self._progress)
         self.notifier.status(f"last cycle failed unexpectedly ({error.__class__.__name__}); retrying on schedule")
+
+    def cycle_scheduled(self, delay: float) -> None:
+        """For ``health``: a pause longer than POLL_INTERVAL (backing off from an unreachable GitLab) is no stall."""
+        self._write_heartbeat({health.NEXT_CYCLE: format_ts(self.clock() + timedelta(seconds=delay))}, self._progress)
 
     def stopping(self) -> None:
         """Shutdown has begun (SIGTERM): tell systemd once."""
@@ -130,6 +157,7 @@ class Operations(CycleHooks):
         if self.shipper.stop.is_set():
             self.stopping()
             return
+        self._watch_self()
         interval = self.notifier.watchdog_interval
         if interval is None:
             return
@@ -144,6 +172,46 @@ class Operations(CycleHooks):
             return
         self._last_keepalive = now
         self.notifier.watchdog()
+
+    # -- heartbeat and self-watchdog ------------------------------------------------------------
+
+    def wedged_after(self) -> float:
+        """The self-watchdog's limit, for the POLL_INTERVAL in use (it may change after the first cycle)."""
+        return health.wedged_after(self.config, self.shipper.poll_interval)
+
+    def _watch_self(self) -> None:
+        """In the main thread, about once a second: record progress for ``health``; exit when wedged."""
+        if not self._in_flight:
+            return
+        now, progress = self.monotonic(), self._progress
+        quiet, limit = now - progress, self.wedged_after()
+        if quiet >= limit:
+            self._exit_wedged(f"the poll cycle has shown no progress (no answer from GitLab or the receiver, nothing logged) "
+                       f"for {quiet:.0f} s, the self-watchdog's limit (2 x HEALTH_MAX_AGE, at least 3 x POLL_INTERVAL: "
+                       f"{limit:.0f} s; OPERATIONS.md, 'Containers and Kubernetes'); exiting 1 so that the supervisor starts it again")
+            return
+        every = min(health.HEARTBEAT_EVERY, health.max_age(self.config, self.shipper.poll_interval) / 3)
+        if progress != self._beat_written and now - self._beat_at >= every:
+            at = self.clock() - timedelta(seconds=max(0.0, quiet))
+            self._write_heartbeat({health.PROGRESS: format_ts(at)}, progress)
+
+    def _write_heartbeat(self, values: dict[str, str], progress: float) -> None:
+        self._beat_at = self.monotonic()
+        try:
+            if self.shipper.state.set_stats_nowait(values):
+                self._beat_written = progress
+        except Exception as exc:  # a full disk or a broken store: the cycle itself will say so
+            log.debug("heartbeat not written: %s", exc)
+
+    def _exit_wedged(self, why: str) -> NoReturn:
+        """Log why, print every thread's stack (where the cycle is stuck, as systemd's SIGABRT would), exit 1."""
+        log.error("%s", why)
+        try:
+            faulthandler.dump_traceback(all_threads=True)
+        except (AttributeError, ValueError, OSError):
+            pass  # stderr is not a real file: no stacks, the ERROR line says enough
+        exit_now(self.shipper.spool_root, 1, None)
+        raise SystemExit(1)  # not reached: exit_now ends the process
 
     # -- metrics --------------------------------------------------------------------------------
 
@@ -161,6 +229,31 @@ class Operations(CycleHooks):
             action()
         except Exception as exc:  # operators' extras must never end the daemon
             log.error("%s failed: %s", what, exc)
+
+
+def _count_reads(raw: Any, beat: Callable[[], None]) -> None:
+    """Make every read of this urllib3 response's body call ``beat``. Instance attributes shadow the methods:
+    ``read1`` is what job-log downloads use (gitlab/download.py), ``read`` what ``stream()`` and requests'
+    ``content`` use, ``read_chunked`` what ``stream()`` uses for a chunked body."""
+    for name in ("read", "read1"):
+        method = getattr(raw, name, None)
+        if method is not None:
+            setattr(raw, name, _beating(method, beat))
+    chunked = getattr(raw, "read_chunked", None)
+    if chunked is not None:
+        def counted_chunks(*args: Any, **kwargs: Any) -> Any:
+            for chunk in chunked(*args, **kwargs):
+                beat()
+                yield chunk
+        raw.read_chunked = counted_chunks
+
+
+def _beating(method: Callable[..., Any], beat: Callable[[], None]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        data = method(*args, **kwargs)
+        beat()
+        return data
+    return counted
 
 
 class _LogProgress(logging.Handler):

@@ -610,6 +610,34 @@ class StateStore:
         if statements:
             self._write(statements)
 
+    def set_stats_nowait(self, values: Mapping[str, str]) -> bool:
+        """Set ``values`` in one short attempt; False (nothing written) when the store's lock or SQLite's write
+        lock is taken. For the daemon's heartbeat: it is written from the main thread, which answers signals and
+        feeds the watchdogs, so it must never wait up to busy_timeout; a missed beat is written at the next one."""
+        if not self._lock.acquire(timeout=_BUSY_POLL * 10):
+            return False
+        try:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # SQLite itself waits at most _BUSY_POLL
+            except sqlite3.Error as exc:
+                if _is_busy(exc):
+                    return False
+                raise self._error(exc) from exc
+            try:
+                self._db.executemany("INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                     list(values.items()))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back already; the next BEGIN says if the connection is unusable
+                raise self._error(exc) from exc
+            return True
+        finally:
+            self._lock.release()
+
     def stats(self) -> dict[str, str]:
         return dict(self._query("SELECT key, value FROM stats"))
 
