@@ -364,7 +364,7 @@ class Shipper:
 
     def _poll_all(self, report: CycleReport) -> None:
         if self.delivery is not None:
-            drained = self.delivery.drain(budget_seconds=self.config.poll_interval, stop=self.stop)
+            drained = self.delivery.drain(budget_seconds=self.poll_interval, stop=self.stop)  # 10 s with GraphQL
             report.counts[OUTBOX_SENT] += drained[SENT]
             report.counts[OUTBOX_DEAD] += drained[DEAD_LETTER]
             if self.delivery.outbox_full():
@@ -486,7 +486,7 @@ class Shipper:
             listing = detected.listing
         else:
             if detected is not None and detected.missing:
-                self._listed_through_rest(project, report)
+                self._listed_through_rest(project, report, quiet=detected.rest_reason is not None)
             listing = self.source.list_pipelines(project.id, since, children=self.config.poll_child_pipelines)
             if detected is not None:
                 with self._rest_listing_lock:
@@ -523,11 +523,11 @@ class Shipper:
                         "check NTP on both", project.id, format_ts(listing.gitlab_now), format_ts(started))
         self.state.set_cursor(project.id, new_cursor, started)
 
-    def _listed_through_rest(self, project: ProjectRef, report: CycleReport) -> None:
+    def _listed_through_rest(self, project: ProjectRef, report: CycleReport, *, quiet: bool = False) -> None:
         """A project GraphQL's answer left out (GitLab omits projects the token cannot see there): listed with REST,
         said once per project and process, counted every cycle."""
         report.counts[REST_LISTED] += 1
-        if project.id not in self._missing_in_graphql:
+        if not quiet and project.id not in self._missing_in_graphql:
             self._missing_in_graphql.add(project.id)
             log.warning("project %s: absent from GitLab's GraphQL answer (not visible to the token there, or just "
                         "deleted); listed with REST instead, every cycle", project.id)

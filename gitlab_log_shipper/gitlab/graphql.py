@@ -60,6 +60,7 @@ START_BATCH = 50  # projects per POST at first; grows while answers are quick, s
 SLOW = 10.0  # an answer slower than this (a third of GitLab's 30 s limit) halves the batch
 QUICK = 3.0  # an answer quicker than this lets the batch grow
 REQUEST_TIMEOUT = 40.0  # GitLab stops a query after 30 s; a little longer before we give up on the answer
+REST_ONLY_CYCLES = 30  # a project GraphQL cannot answer for alone is listed with REST this many cycles (5 min at 10 s)
 MAX_FOLLOW_PAGES = 1000  # pages of one project's connection in one cycle (100,000 rows): a bound, never reached
 
 # The fields of one pipeline row: what the seen-check needs (id, status, updatedAt), and the two e-mails the
@@ -99,15 +100,19 @@ class Detected:
     listing: Listing | None = None
     missing: bool = False
     error: str | None = None
+    rest_reason: str | None = None  # missing because GraphQL failed for this project alone (listed with REST a while)
 
 
 @dataclass
 class _Batch:
     wanted: list[tuple[int, datetime]]  # (project id, listed from)
+    # Shared with its sibling after a split: [siblings that failed, answered batches when the first of them failed]
+    family: list[int] | None = None
 
     def split(self) -> list["_Batch"]:
         half = len(self.wanted) // 2
-        return [_Batch(self.wanted[:half]), _Batch(self.wanted[half:])]
+        family = [0, 0]
+        return [_Batch(self.wanted[:half], family), _Batch(self.wanted[half:], family)]
 
 
 def complexity(blocks: list[int], *, children: bool) -> int:
@@ -247,6 +252,12 @@ class GraphQLDetector:
         self.timings: list[tuple[int, float]] = []  # (projects, seconds) of the latest detect()
         self._emails: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
+        # Projects GraphQL failed for on their own (a query that always times out, say): project -> cycles left to
+        # list them with REST instead, so that they are polled and do not cost a timeout at every level every cycle.
+        self.rest_only: dict[int, int] = {}
+        self._halved_from: int | None = None  # the batch size a slow answer halved; None when nothing is being tried
+        self._halved_seconds = 0.0  # how long that slow answer took
+        self._slow_anyway = False  # halving did not make answers quicker: GitLab is slow for any request
         self._stop: threading.Event | None = None  # the running detect()'s stop event
 
     def __repr__(self) -> str:
@@ -265,11 +276,18 @@ class GraphQLDetector:
             # No retry of 5xx here: python-gitlab would wait for RateLimit-Reset (up to a minute, GitLab.com sends it
             # on every answer) before each retry, and a batch that fails is better split and sent again at once by
             # the caller. 429s are still waited for as python-gitlab does (obey_rate_limit).
-            try:
-                return self.source.gl.http_request("post", self.url, post_data=body, retry_transient_errors=False,
-                                                   timeout=REQUEST_TIMEOUT)
-            except requests.exceptions.ReadTimeout as exc:  # GitLab is there but slow with this batch
-                raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:g} s") from exc
+            for attempt in (1, 2):
+                try:
+                    return self.source.gl.http_request("post", self.url, post_data=body, retry_transient_errors=False,
+                                                       timeout=REQUEST_TIMEOUT)
+                except requests.exceptions.ReadTimeout as exc:  # GitLab is there but slow with this batch
+                    raise _Split(f"{what}: no answer within {REQUEST_TIMEOUT:g} s") from exc
+                except requests.exceptions.ConnectionError:
+                    # A kept-alive connection GitLab closed meanwhile fails at once: one new try (python-gitlab's own
+                    # retry of this is off with retry_transient_errors). A second failure is GitLab unreachable.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
         self.requests += 1
         try:
@@ -321,7 +339,16 @@ class GraphQLDetector:
             self._emails = {}
         self.timings = []
         results: dict[int, Detected] = {}
+        now = self.clock()
+        for project_id in [p for p, _ in ordered if p in self.rest_only]:
+            results[project_id] = Detected(project_id, now, missing=True,
+                                           rest_reason="GraphQL could not answer for it on its own recently")
+            self.rest_only[project_id] -= 1
+            if self.rest_only[project_id] <= 0:
+                del self.rest_only[project_id]  # GraphQL is tried again for it next cycle
+        ordered = [item for item in ordered if item[0] not in results]
         pending = [_Batch(ordered[i : i + self.batch]) for i in range(0, len(ordered), max(1, self.batch))]
+        answered = 0
         while pending:
             if stop is not None and stop.is_set():
                 break
@@ -331,6 +358,7 @@ class GraphQLDetector:
                 continue
             try:
                 results.update(self._send(batch))
+                answered += 1
             except GraphQLUnusable:
                 raise
             except GitLabSourceError as exc:
@@ -342,15 +370,35 @@ class GraphQLDetector:
                         results[project_id] = Detected(project_id, now, error=str(exc))
                 break
             except _Split as split:
-                if len(batch.wanted) == 1:
-                    project_id, _ = batch.wanted[0]
-                    results[project_id] = Detected(project_id, self.clock(), error=split.reason)
-                    continue
-                self.batch = max(1, len(batch.wanted) // 2)
-                log.info("GraphQL detection: %s; batches of %d projects from now on", split.reason, self.batch)
-                pending[:0] = batch.split()
+                results.update(self._after_failure(batch, split, pending, answered))
         self.last_requests = self.requests - before
         return results
+
+    def _after_failure(self, batch: _Batch, split: "_Split", pending: list[_Batch], answered: int) -> dict[int, Detected]:
+        """A batch GitLab could not answer (timeout, 5xx, too complex): split it and send the halves, unless its
+        sibling failed too and no batch at all was answered since (GitLab failing whatever the size: halving further
+        would only multiply the requests; its projects wait for the next cycle). When smaller batches were
+        answered meanwhile, size was the trouble, and this one is split like its sibling was. One project that fails alone is listed with REST for the next
+        REST_ONLY_CYCLES cycles, and at once (``missing``), so that nothing waits for GraphQL to get better."""
+        now = self.clock()
+        family = batch.family
+        hopeless = family is not None and family[0] >= 1 and family[1] == answered
+        if family is not None:
+            family[0] += 1
+            family[1] = answered
+        if len(batch.wanted) == 1:
+            project_id, _ = batch.wanted[0]
+            self.rest_only[project_id] = REST_ONLY_CYCLES
+            log.warning("GraphQL detection: project %s: %s; listed with REST for the next %d cycles", project_id,
+                        split.reason, REST_ONLY_CYCLES)
+            return {project_id: Detected(project_id, now, missing=True, rest_reason=split.reason)}
+        if hopeless:
+            return {project_id: Detected(project_id, now, error=f"{split.reason}; will retry next cycle")
+                    for project_id, _ in batch.wanted}
+        self.batch = max(1, len(batch.wanted) // 2)
+        log.info("GraphQL detection: %s; batches of %d projects from now on", split.reason, self.batch)
+        pending[:0] = batch.split()
+        return {}
 
     def max_batch(self) -> int:
         """The most projects one POST may carry: blocks of 100 while the complexity limit (corrected by what GitLab
@@ -435,11 +483,19 @@ class GraphQLDetector:
                 raise GraphQLUnusable(f"{what}: GitLab's GraphQL schema refuses the detection query: {message[:200]}")
 
     def _adapt(self, projects: int, elapsed: float) -> None:
+        """Grow the batch while GitLab answers quickly; halve it when an answer is slow, and go back when smaller
+        batches turn out just as slow (GitLab slow for any request: halving would only multiply the requests)."""
         if elapsed > SLOW and projects > 1:
-            self.batch = max(1, projects // 2)
-            log.info("GraphQL detection: %d projects took %.1f s; batches of %d projects from now on",
-                     projects, elapsed, self.batch)
+            if self._halved_from is not None and projects < self._halved_from and elapsed > 0.75 * self._halved_seconds:
+                self.batch, self._halved_from, self._slow_anyway = self._halved_from, None, True
+                log.info("GraphQL detection: %d projects took %.1f s, as slow as more did; batches of %d projects "
+                         "again", projects, elapsed, self.batch)
+            elif not self._slow_anyway:
+                self._halved_from, self._halved_seconds, self.batch = projects, elapsed, max(1, projects // 2)
+                log.info("GraphQL detection: %d projects took %.1f s; batches of %d projects from now on",
+                         projects, elapsed, self.batch)
         elif elapsed < QUICK and projects >= self.batch:
+            self._halved_from, self._slow_anyway = None, False
             grown = min(self.batch * 2, self.max_batch())
             if grown > self.batch:
                 log.debug("GraphQL detection: %d projects in %.1f s; batches of %d from now on", projects, elapsed, grown)
