@@ -254,10 +254,10 @@ def test_file_mode_measures_nothing(tmp_path: Path, world: World, gitlab_sim: Gi
 ])
 def test_the_textfile_check_rejects_a_broken_histogram(broken: list[tuple[str, int]]) -> None:
     """The check the textfile tests rely on can fail: each rule of a Prometheus histogram is enforced."""
-    lines = [f"# TYPE {HISTOGRAM} histogram"]
+    lines = [f"# HELP {HISTOGRAM} latency", f"# TYPE {HISTOGRAM} histogram"]
     lines += [f"{HISTOGRAM}_bucket{{{le}}} {n}" for le, n in broken]
     lines += [f"{HISTOGRAM}_sum 3.0", f"{HISTOGRAM}_count 2"]
     with pytest.raises(AssertionError):
         parse("\n".join(lines) + "\n")
-    parse("\n".join([f"# TYPE {HISTOGRAM} histogram", f'{HISTOGRAM}_bucket{{le="1.0"}} 1',
+    parse("\n".join([f"# HELP {HISTOGRAM} latency", f"# TYPE {HISTOGRAM} histogram", f'{HISTOGRAM}_bucket{{le="1.0"}} 1',
                      f'{HISTOGRAM}_bucket{{le="+Inf"}} 2', f"{HISTOGRAM}_sum 3.0", f"{HISTOGRAM}_count 2"]) + "\n")

@@ -30,12 +30,24 @@ def parse(text: str) -> dict[str, float]:
     assert text.endswith("\n")
     samples: dict[str, float] = {}
     declared: dict[str, str] = {}
+    helped: set[str] = set()
     for line in text.splitlines():
         if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in helped and len(line.split(" ", 3)) == 4, f"{line}: a second or empty HELP"
+            helped.add(name)
             continue
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
             assert kind in ("counter", "gauge", "histogram") and name not in declared
+            # Prometheus' naming conventions (promtool check metrics, when it is not installed): a HELP before every
+            # TYPE, snake case with our prefix, _total only on counters, base units (seconds, bytes) in the name.
+            assert name in helped, f"{name}: TYPE without HELP"
+            assert re.fullmatch(r"gitlab_log_shipper_[a-z0-9_]+", name), name
+            assert (kind == "counter") == name.endswith("_total"), f"{name}: _total is for counters only"
+            assert not re.search(r"_(milliseconds|ms|minutes|hours|kb|mb|kib|mib)(_|$)", name), f"{name}: not base units"
+            if kind != "counter" and re.search(r"(duration|latency|age|seconds)", name):  # a counter counts events
+                assert re.search(r"_seconds(_total)?$", name) or name.endswith("_at"), f"{name}: times in seconds"
             declared[name] = kind
             continue
         match = SAMPLE.match(line)
@@ -237,3 +249,17 @@ def test_unknown_variables_are_counted(tmp_path: Path, world: World, gitlab_sim:
     result = env.invoke("run", "--once", POLL_INTERVALL="5", API_POST_ENABLE="true")
     assert result.exit_code == 0
     assert parse(textfile.read_text())["gitlab_log_shipper_unknown_variables"] == 2
+
+
+@pytest.mark.parametrize("text", [
+    "# TYPE gitlab_log_shipper_x gauge\ngitlab_log_shipper_x 1\n",  # no HELP
+    "# HELP gitlab_log_shipper_x_total x\n# TYPE gitlab_log_shipper_x_total gauge\ngitlab_log_shipper_x_total 1\n",
+    "# HELP gitlab_log_shipper_x x\n# TYPE gitlab_log_shipper_x counter\ngitlab_log_shipper_x 1\n",
+    "# HELP gitlab_log_shipper_cycle_duration_ms x\n# TYPE gitlab_log_shipper_cycle_duration_ms gauge\n"
+    "gitlab_log_shipper_cycle_duration_ms 1\n",
+    "# HELP other_x x\n# TYPE other_x gauge\nother_x 1\n",
+])
+def test_the_naming_conventions_check_can_fail(text: str) -> None:
+    """What stands in for `promtool check metrics` where it is not installed (CI): each rule is enforced."""
+    with pytest.raises(AssertionError):
+        parse(text)
