@@ -84,8 +84,7 @@ def _configuration(config: Config) -> Check:
         scope.append(f"{len(config.gitlab_groups)} group(s)")
     polled = " and ".join(scope) or "every project the token is a member of"
     extra = f"; {len(config.api_post_headers)} extra header(s)" if config.api_post_headers else ""
-    return Check("configuration", True, f"mode {config.mode} ({where}); polling {polled} every "
-                 f"{config.poll_interval:g} s{extra}")
+    return Check("configuration", True, f"mode {config.mode} ({where}); polling {polled} {config.poll_interval_text}{extra}")
 
 
 # -- GitLab ---------------------------------------------------------------------------------------

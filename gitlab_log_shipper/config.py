@@ -161,6 +161,13 @@ class Config:
     health_max_age: float | None = None  # HEALTH_MAX_AGE: `health` fails past it; None = 5 x the POLL_INTERVAL in use
 
     @property
+    def poll_interval_text(self) -> str:
+        """``every 60 s``, or both defaults while the first cycle's probe has yet to decide how changes are found."""
+        if self.gitlab_api == "rest" or self.poll_interval_set:
+            return f"every {self.poll_interval:g} s"
+        return f"every {self.poll_interval:g} s with REST, {self.effective_poll_interval_graphql:g} s with GraphQL"
+
+    @property
     def effective_poll_interval_graphql(self) -> float:
         """POLL_INTERVAL when GraphQL detection is used: the one given, else GRAPHQL_POLL_INTERVAL (detection costs a
         few requests per cycle whatever the number of projects, so polling often is cheap)."""

@@ -105,11 +105,7 @@ class Operations(CycleHooks):
         self.notifier.ready("started; first poll cycle running")
         self._last_keepalive = self.monotonic()
         config = self.config
-        if config.gitlab_api == "rest" or config.poll_interval_set:
-            every = f"every {config.poll_interval:.0f} s"
-        else:  # the first cycle's probe decides; POLL_INTERVAL's default differs
-            every = f"every {config.poll_interval:.0f} s with REST, {config.effective_poll_interval_graphql:.0f} s with GraphQL"
-        log.info("gitlab-log-shipper started (mode %s, %s)%s", config.mode, every,
+        log.info("gitlab-log-shipper started (mode %s, %s)%s", config.mode, config.poll_interval_text,
                  "; notifying systemd" if self.notifier.enabled else "")
 
     def cycle_started(self) -> None:
