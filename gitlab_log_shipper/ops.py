@@ -77,6 +77,7 @@ class Operations(CycleHooks):
         self._stopping_sent = False
         self._beat_written: float | None = None  # monotonic time of the progress the last heartbeat recorded
         self._beat_at = monotonic()  # when the last heartbeat was written
+        self._unwritten: dict[str, str] = {}  # stamps a busy store did not take yet (retried about once a second)
         for session in self._sessions():
             session.hooks["response"].append(self._on_response)
 
@@ -177,6 +178,10 @@ class Operations(CycleHooks):
 
     def _watch_self(self) -> None:
         """In the main thread, about once a second: record progress for ``health``; exit when wedged."""
+        if self._unwritten and self.monotonic() - self._beat_at >= 1.0:
+            # A stamp the store was too busy for (a heartbeat never waits): the next cycle's time is written once per
+            # pause, so without this a busy moment would leave `health` blind to a long back-off.
+            self._write_heartbeat({}, self._beat_written or self._progress)
         if not self._in_flight:
             return
         now, progress = self.monotonic(), self._progress
@@ -192,12 +197,17 @@ class Operations(CycleHooks):
             self._write_heartbeat({health.PROGRESS: format_ts(at)}, progress)
 
     def _write_heartbeat(self, values: dict[str, str], progress: float) -> None:
+        """Write these stamps (and any the store was too busy for before) without waiting; kept for a retry."""
         self._beat_at = self.monotonic()
+        values = {**self._unwritten, **values}
         try:
             if self.shipper.state.set_stats_nowait(values):
                 self._beat_written = progress
+                self._unwritten = {}
+                return
         except Exception as exc:  # a full disk or a broken store: the cycle itself will say so
             log.debug("heartbeat not written: %s", exc)
+        self._unwritten = values
 
     def _exit_wedged(self, why: str) -> NoReturn:
         """Log why, print every thread's stack (where the cycle is stuck, as systemd's SIGABRT would), exit 1."""
