@@ -127,3 +127,18 @@ def test_gitlab_api_choice() -> None:
     assert decide_api("auto", broken, children=True).problem is None
     forced_broken = decide_api("graphql", broken, children=True)
     assert forced_broken.mode == "rest" and "GITLAB_API=graphql, but" in (forced_broken.problem or "")
+
+
+def test_projects_far_behind_get_blocks_of_their_own() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from gitlab_log_shipper.gitlab.graphql import blocks_of
+
+    now = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+    lagging = [(1, now - timedelta(hours=6))]
+    steady = [(i, now - timedelta(seconds=i)) for i in range(2, 150)]
+    wanted = sorted(lagging + steady, key=lambda item: item[1])
+    blocks = blocks_of(wanted)
+    assert blocks[0] == lagging  # its old start is not every block-mate's
+    assert [len(b) for b in blocks[1:]] == [74, 74] and sum(map(len, blocks)) == len(wanted)
+    assert blocks_of(steady[::-1]) == [steady[::-1][:74], steady[::-1][74:]]  # close starts share blocks

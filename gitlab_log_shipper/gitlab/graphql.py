@@ -131,6 +131,30 @@ def complexity(blocks: list[int], *, children: bool) -> int:
     return sum(connection(page_info + project, 1, size) for size in blocks)
 
 
+GROUP_SPAN_SECONDS = 1800.0
+"""Projects whose window starts lie within this span share a projects(ids:) block (its updatedAfter is the earliest of
+them). A project far behind (hours of failures, say) gets a block of its own: otherwise each busy block-mate would
+be listed from that old start, and pay a follow-up page for rows it then drops."""
+
+
+def blocks_of(wanted: list[tuple[int, datetime]]) -> list[list[tuple[int, datetime]]]:
+    """``wanted`` (sorted by window start) cut into blocks: runs of close window starts, each run in even blocks
+    of at most BLOCK_MAX projects."""
+    runs: list[list[tuple[int, datetime]]] = []
+    for item in wanted:
+        if runs and (item[1] - runs[-1][0][1]).total_seconds() <= GROUP_SPAN_SECONDS:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    blocks = []
+    for run in runs:
+        at = 0
+        for size in block_sizes(len(run)):
+            blocks.append(run[at : at + size])
+            at += size
+    return blocks
+
+
 def block_sizes(projects: int) -> list[int]:
     """Projects per projects(ids:) block for a batch: as few blocks as 100 per block allows, evenly filled (the
     complexity of a block grows with its ``first``, so two blocks of 90 cost less than one of 100 and one of 80)."""
@@ -347,13 +371,13 @@ class GraphQLDetector:
             if self.rest_only[project_id] <= 0:
                 del self.rest_only[project_id]  # GraphQL is tried again for it next cycle
         ordered = [item for item in ordered if item[0] not in results]
-        pending = [_Batch(ordered[i : i + self.batch]) for i in range(0, len(ordered), max(1, self.batch))]
+        pending = self._batches(ordered)
         answered = 0
         while pending:
             if stop is not None and stop.is_set():
                 break
             batch = pending.pop(0)
-            if len(batch.wanted) > self.max_batch():
+            if len(batch.wanted) > 1 and not self._fits(batch.wanted):
                 pending[:0] = batch.split()
                 continue
             try:
@@ -400,6 +424,26 @@ class GraphQLDetector:
         pending[:0] = batch.split()
         return {}
 
+    def _batches(self, ordered: list[tuple[int, datetime]]) -> list[_Batch]:
+        """Consecutive projects (sorted by window start) in batches of at most ``self.batch`` whose blocks fit the
+        complexity limit (a project far behind adds a block of its own: see GROUP_SPAN_SECONDS)."""
+        batches: list[_Batch] = []
+        current: list[tuple[int, datetime]] = []
+        for item in ordered:
+            if current and (len(current) >= max(1, self.batch) or not self._fits([*current, item])):
+                batches.append(_Batch(current))
+                current = []
+            current.append(item)
+        if current:
+            batches.append(_Batch(current))
+        return batches
+
+    def _cost(self, wanted: list[tuple[int, datetime]]) -> int:
+        return sum(complexity([len(block)], children=self.children) for block in blocks_of(wanted))
+
+    def _fits(self, wanted: list[tuple[int, datetime]]) -> bool:
+        return self._cost(wanted) * self.scale <= self.max_complexity
+
     def max_batch(self) -> int:
         """The most projects one POST may carry: blocks of 100 while the complexity limit (corrected by what GitLab
         said) is not passed; at least one project."""
@@ -419,10 +463,7 @@ class GraphQLDetector:
         return complexity(block_sizes(projects), children=self.children)
 
     def _send(self, batch: _Batch) -> dict[int, Detected]:
-        blocks, at = [], 0
-        for size in block_sizes(len(batch.wanted)):
-            blocks.append(batch.wanted[at : at + size])
-            at += size
+        blocks = blocks_of(batch.wanted)
         variables: dict[str, Any] = {}
         for b, block in enumerate(blocks):
             variables[f"ids{b}"] = [f"{PROJECT_GID}{project_id}" for project_id, _ in block]
@@ -450,7 +491,7 @@ class GraphQLDetector:
                 self._raise_for_query_errors(_messages(errors), what)
             except _Split as split:
                 if split.actual is not None:  # GitLab counts differently from us: scale our estimates to its count
-                    self.scale = max(self.scale, split.actual / max(1, self._complexity(len(batch.wanted))))
+                    self.scale = max(self.scale, split.actual / max(1, self._cost(batch.wanted)))
                 raise
         answer = data.get("data") if isinstance(data.get("data"), dict) else {}
         results: dict[int, Detected] = {}
