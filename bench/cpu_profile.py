@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from run import build_world, warm_up  # noqa: E402  (bench/run.py, next to this file)
 
-from gitlab_log_shipper.config import load_config, prepare_directories  # noqa: E402
+from gitlab_log_shipper.config.settings import load_config, prepare_directories  # noqa: E402
 from gitlab_log_shipper.shipper import Shipper  # noqa: E402
 
 
@@ -129,8 +129,8 @@ GROUPS = [
     ("GitLab GETs: python-gitlab -> requests -> urllib3 -> http.client", "gitlab/client.py", "http_request"),
     ("  requests: preparing each request (merging settings, URL, headers)", "requests/sessions.py", "prepare_request"),
     ("  http.client: reading status line and headers (email parser)", "http/client.py", "begin"),
-    ("POSTs to the receiver (requests, body streamed from the spool)", "gitlab_log_shipper/poster.py", "post_file"),
-    ("document writing (JSON, logs escaped from the spool)", "gitlab_log_shipper/payload.py", "write_document"),
+    ("POSTs to the receiver (requests, body streamed from the spool)", "gitlab_log_shipper/delivery/poster.py", "post_file"),
+    ("document writing (JSON, logs escaped from the spool)", "gitlab_log_shipper/document/payload.py", "write_document"),
     ("spool cleanup", "shutil.py", "rmtree"),
 ]
 STATE_CALLS = ("seen", "mark_handled", "record_shipped", "get_cursor", "set_cursor", "prune")
@@ -148,7 +148,7 @@ def report_profile(profile: cProfile.Profile, top: int) -> None:
     for label, path, name in GROUPS:
         spent = cumulative(path, name)
         print(f"  {spent / total * 100:5.1f}%  {label}")
-    state = sum(cumulative("gitlab_log_shipper/state.py", name) for name in STATE_CALLS)
+    state = sum(cumulative("gitlab_log_shipper/state/store.py", name) for name in STATE_CALLS)
     print(f"  {state / total * 100:5.1f}%  state store (SQLite)")
     print(f"\ntop {top} functions by own time:")
     stats.sort_stats("tottime").print_stats(top)
@@ -182,7 +182,7 @@ def compare_fields(args: argparse.Namespace, tmp: Path) -> None:
     CPU (medians, and the median of the paired differences) and the CPU attributed to what only the enriched
     document does: the section scanner, and the document writing's extra over the design's."""
     import gitlab_log_shipper.shipper as shipper_module
-    from gitlab_log_shipper.sections import LogScanner
+    from gitlab_log_shipper.document.sections import LogScanner
 
     scanner, writing = _Attributed(), _Attributed()
     for name in ("feed", "finish", "restart"):

@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from gitlab_log_shipper.config import load_config, prepare_directories  # noqa: E402
+from gitlab_log_shipper.config.settings import load_config, prepare_directories  # noqa: E402
 from gitlab_log_shipper.shipper import Shipper  # noqa: E402
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator  # noqa: E402
 from gitlab_log_shipper.sim.logs import LogSpec  # noqa: E402

@@ -3,7 +3,7 @@
 Each command parses, calls one library function and formats the result. This is the one place where
 :class:`ShipperError` becomes a message and an exit code: 0 ok, 1 runtime failure, 2 usage or config,
 3 a state store that cannot be used; 128 + the signal's number when a signal stopped a command (130 for
-SIGINT). Commands that do real work run it in a worker thread (:func:`~gitlab_log_shipper.daemon.run_in_worker`)
+SIGINT). Commands that do real work run it in a worker thread (:func:`~gitlab_log_shipper.service.daemon.run_in_worker`)
 so that a signal stops them within SHUTDOWN_GRACE.
 """
 
@@ -23,23 +23,23 @@ from typing import Any, Callable, Iterator, NoReturn
 import click
 
 from . import __version__
-from .check import Check, run_checks
+from .config.envfile import read_env_file
+from .config.settings import LOG_LEVELS, Config, load_config, parse_duration, prepare_directories, startup_warnings
 from .counters import COUNTERS
-from .config import LOG_LEVELS, Config, load_config, parse_duration, prepare_directories
-from .daemon import StopSignals, run_forever, run_in_worker
-from .dryrun import Preview
-from .envfile import read_env_file
 from .errors import ConfigError, ShipperError
-from .health import check as check_health
-from .lock import InstanceLock
-from .notify import Notifier
-from .ops import Operations
-from .progress import BackfillProgress
-from .logsetup import setup_logging, stderr_is_journal
-from .security import startup_warnings, tightened_umask
+from .security import tightened_umask
+from .service.check import Check, run_checks
+from .service.daemon import StopSignals, run_forever, run_in_worker
+from .service.health import check as check_health
+from .service.logsetup import setup_logging, stderr_is_journal
+from .service.notify import Notifier
+from .service.preview import Preview
+from .service.progress import BackfillProgress
+from .service.stats import record_run
+from .service.status import render, snapshot as status_snapshot
+from .service.supervision import Supervision
 from .shipper import SHIPPED, WOULD_SHIP, CycleReport, ShipResult, Shipper
-from .stats import record_run
-from .status import render, snapshot as status_snapshot
+from .state.lock import InstanceLock
 from .timeutil import parse_ts, utcnow
 
 log = logging.getLogger("gitlab_log_shipper")
@@ -280,14 +280,14 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
                 return 0 if report.complete else 1
             _run_work(shipper, signals, dry_cycle)
     with StopSignals(daemon=not once) as signals, _locked(config), _shipper(config, stop=signals.stop) as shipper:
-        ops = Operations(config, shipper, None if once else Notifier.from_environ(os.environ))
+        supervision = Supervision(config, shipper, None if once else Notifier.from_environ(os.environ))
         if once:
             def one_cycle() -> int:
                 if shipper.delivery is not None:
                     shipper.delivery.reconcile()
-                ops.cycle_started()
+                supervision.cycle_started()
                 report = shipper.run_cycle()
-                ops.cycle_finished(report)
+                supervision.cycle_finished(report)
                 _print_report(report)
                 return 0 if report.complete else 1
             _run_work(shipper, signals, one_cycle)
@@ -297,9 +297,9 @@ def run(ctx: click.Context, once: bool, dry_run: bool, show_document: bool) -> N
             faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) prints every thread's stack first
         except (AttributeError, ValueError, OSError):
             pass  # stderr is not a real file (embedded, tests): no stack dumps, nothing else changes
-        ops.ready()
-        run_forever(shipper, hooks=ops, signals=signals)
-        ops.stopping()
+        supervision.ready()
+        run_forever(shipper, hooks=supervision, signals=signals)
+        supervision.stopping()
     sys.exit(signals.exit_code())  # 0 after SIGTERM/SIGINT; 129 after SIGHUP, so that systemd starts it again
 
 

@@ -2,7 +2,7 @@
 and the document bytes the receiver accepted.
 
 They are process-wide because one process runs one command: the sessions that make the requests
-(:class:`~gitlab_log_shipper.gitlab.rest.GitLabSession`, :class:`~gitlab_log_shipper.poster.ApiPoster`) add to
+(:class:`~gitlab_log_shipper.gitlab.rest.GitLabSession`, :class:`~gitlab_log_shipper.delivery.poster.ApiPoster`) add to
 them, and :mod:`stats` takes what was added since the last time into the state store's totals with every cycle
 (and every ``backfill``/``post``), where ``status`` and the textfile read them across restarts. Requests of
 commands that record nothing (``check``, dry runs) are not counted; the CLI group starts every command from zero,

@@ -5,8 +5,9 @@
   GitLab or the receiver answered.
 * :func:`private_mkdir`, :func:`open_private`, :func:`tightened_umask`: the state, the logs and the
   file output are created 0600 (folders 0700) unless the umask is stricter still.
-* :func:`is_loopback`, :func:`startup_warnings`: the transport decisions an operator must hear about
-  at every start (TLS checks switched off, tokens over plain http).
+* :func:`is_loopback`, :func:`plain_http_to_remote`: the transport decisions an operator must hear about
+  at every start (TLS checks switched off, tokens over plain http; the warnings themselves are
+  :func:`~gitlab_log_shipper.config.settings.startup_warnings`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable, Iterator
+from typing import IO, Iterable, Iterator
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import Config
-
 MASK = "[MASKED]"
+MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words (redact_secrets)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 PRIVATE_UMASK = 0o077
@@ -44,6 +43,14 @@ def escape_controls(text: str) -> str:
 def escape_for_log(text: str) -> str:
     """:func:`escape_controls`, reversibly: backslashes are doubled first (``api-requests.log``)."""
     return escape_controls(text.replace("\\", "\\\\"))
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret of :data:`MIN_SECRET_LENGTH` or more characters (longest first, so one that
+    contains another goes whole) replaced with ``[MASKED]``: the application log and ``api-requests.log``."""
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def mask_secrets(text: str, secrets: Iterable[str]) -> str:
@@ -74,30 +81,6 @@ def plain_http_to_remote(url: str | None) -> bool:
         return False
     parts = urlsplit(url)
     return parts.scheme == "http" and not is_loopback(parts.hostname)
-
-
-def startup_warnings(config: "Config") -> list[str]:
-    """Transport settings that weaken security, one message each; logged as warnings at every start."""
-    warnings: list[str] = []
-    if not config.gitlab_tls_verify:
-        warnings.append("GITLAB_TLS_VERIFY=false: GitLab's TLS certificate is NOT verified; whoever can intercept "
-                        "the connection can read GITLAB_TOKEN and the job logs. Prefer GITLAB_CA_BUNDLE.")
-    if plain_http_to_remote(config.gitlab_url):
-        warnings.append("GITLAB_URL uses plain http to a non-loopback host: GITLAB_TOKEN and the job logs travel "
-                        "unencrypted. Use https.")
-    if config.posts:
-        if not config.api_post_tls_verify:
-            warnings.append("API_POST_TLS_VERIFY=false: the receiver's TLS certificate is NOT verified; whoever can "
-                            "intercept the connection can read API_POST_AUTH_TOKEN and the documents. "
-                            "Prefer API_POST_CA_BUNDLE.")
-        if plain_http_to_remote(config.api_post_url):
-            if config.api_post_auth_token:
-                warnings.append("API_POST_ALLOW_INSECURE=true: the bearer token and the documents are sent over "
-                                "plain http to a non-loopback host. Use https.")
-            else:
-                warnings.append("API_POST_URL uses plain http to a non-loopback host: the documents travel "
-                                "unencrypted. Use https.")
-    return warnings
 
 
 # -- private files and folders ----------------------------------------------------------------------

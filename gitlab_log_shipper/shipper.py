@@ -32,10 +32,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import FINISHED_STATUSES, Config
-from .errors import DeliveryError, GitLabSourceError, ShipperError
-from .fileout import FileOutput
-from .payload import (
+from .config.settings import FINISHED_STATUSES, Config
+from .delivery.files import FileOutput
+from .delivery.outbox import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
+from .delivery.poster import ApiPoster
+from .delivery.request_log import ManagedRequestLog
+from .document.payload import (
     JobLog,
     document_header,
     document_size,
@@ -53,17 +55,15 @@ from .payload import (
     user_of,
     write_document,
 )
-from .delivery import DEAD_LETTER, QUEUED, SENT, Delivery, DocumentInfo
-from .latency import rest_time as latency_rest_time
-from .dryrun import ReadOnlyStateStore
-from .poster import ApiPoster
-from .redact import Redactor
-from .requestlog import ManagedRequestLog
+from .document.redact import Redactor
+from .document.sections import LogScanner, ScanResult
+from .document.spool import CappedLog
+from .errors import DeliveryError, GitLabSourceError, ShipperError
 from .gitlab.graphql import Detected, GraphQLDetector, GraphQLUnusable, Probe, decide_api
 from .gitlab.rest import DiscoveryProblem, GitLabSource, ProjectRef
-from .sections import LogScanner, ScanResult
-from .spool import CappedLog
-from .state import RetryEntry, StateStore
+from .state.latency import rest_time as latency_rest_time
+from .state.read_only import ReadOnlyStateStore
+from .state.store import RetryEntry, StateStore
 from .timeutil import format_ts, parse_ts, utcnow
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class Shipper:
         self.poster = ApiPoster(config, ManagedRequestLog.for_config(config), clock=clock) if posts else None
         self.files = FileOutput(config.log_output_dir, enriched=config.document_fields == "enriched") if writes_files else None
         self.delivery = Delivery(config, self.state, self.poster, clock=clock) if self.poster else None
-        self.redactor = Redactor.from_config(config)  # LOG_REDACT_PATTERNS; None when off
+        self.redactor = Redactor.from_settings(config.log_redact_patterns, config.secrets())  # LOG_REDACT_PATTERNS; None when off
         # DOCUMENT_FIELDS: the enriched document (sections, failure details, links) or exactly the design's fields
         self.enriched = config.document_fields == "enriched"
         self.design = not self.enriched

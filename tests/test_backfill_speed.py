@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.config.settings import load_config
 from gitlab_log_shipper.gitlab.rest import PER_PAGE
 from gitlab_log_shipper.shipper import SHIPPED, BackfillListener, Shipper, ShipResult
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
-from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.logs import LogSpec
+from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, Pipeline, World
-from gitlab_log_shipper.state import StateStore
+from gitlab_log_shipper.state.store import StateStore
 
 from shipper_helpers import Env, by_pipeline, documents, make_env, wait_until
 

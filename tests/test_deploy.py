@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gitlab_log_shipper.config import load_config
-from gitlab_log_shipper.daemon import SHUTDOWN_GRACE
+from gitlab_log_shipper.config.settings import load_config
+from gitlab_log_shipper.service.daemon import SHUTDOWN_GRACE
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -171,7 +171,7 @@ def test_the_build_context_builds_a_wheel_with_the_command(tmp_path: Path) -> No
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "gitlab_log_shipper/health.py" in names
+    assert "gitlab_log_shipper/service/health.py" in names
     assert "gitlab-log-shipper = gitlab_log_shipper.cli:main" in entry_points
 
 

@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 from gitlab_log_shipper.cli import main
-from gitlab_log_shipper.config import IGNORED_VARIABLES, KNOWN_VARIABLES, load_config
+from gitlab_log_shipper.config.settings import IGNORED_VARIABLES, KNOWN_VARIABLES, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_SOURCE = (ROOT / "gitlab_log_shipper" / "config.py").read_text("utf-8")
+CONFIG_SOURCE = (ROOT / "gitlab_log_shipper" / "config" / "settings.py").read_text("utf-8")
 READ = set(re.findall(r'(?:get|opt|required)\("([A-Z][A-Z0-9_]+)"', CONFIG_SOURCE))
 VARIABLES = sorted(KNOWN_VARIABLES - set(IGNORED_VARIABLES))
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from gitlab_log_shipper.lock import InstanceLock
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
+from gitlab_log_shipper.state.lock import InstanceLock
 
 from shipper_helpers import Env, make_env, wait_until
 
@@ -24,7 +24,7 @@ from shipper_helpers import Env, make_env, wait_until
 # for another process's lock, and how long the work in flight gets after a signal.
 LAUNCHER = (
     "import runpy, sys\n"
-    "import gitlab_log_shipper.daemon as daemon, gitlab_log_shipper.state as state\n"
+    "import gitlab_log_shipper.service.daemon as daemon, gitlab_log_shipper.state.store as state\n"
     "state.BUSY_TIMEOUT = float(sys.argv.pop(1))\n"
     "daemon.SHUTDOWN_GRACE = float(sys.argv.pop(1))\n"
     "runpy.run_module('gitlab_log_shipper', run_name='__main__', alter_sys=True)\n"

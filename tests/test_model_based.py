@@ -52,7 +52,7 @@ if __name__ == "__main__":  # the survey script: this checkout's package, not an
 
     sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 
-from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.config.settings import load_config
 from gitlab_log_shipper.shipper import Shipper
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply

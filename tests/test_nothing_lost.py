@@ -19,15 +19,15 @@ from typing import Any, Iterator
 import pytest
 import urllib3.response
 
-from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.config.settings import load_config
 from gitlab_log_shipper.errors import GitLabSourceError
+from gitlab_log_shipper.gitlab.rest import GitLabSource
+from gitlab_log_shipper.service.status import collect, render
 from gitlab_log_shipper.shipper import CHANGED, FAILED, SHIPPED, Shipper
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver
 from gitlab_log_shipper.sim.world import JobSpec, World
-from gitlab_log_shipper.gitlab.rest import GitLabSource
-from gitlab_log_shipper.state import StateStore
-from gitlab_log_shipper.status import collect, render
+from gitlab_log_shipper.state.store import StateStore
 from gitlab_log_shipper.timeutil import format_ts
 
 from shipper_helpers import ManualClock, by_pipeline, documents, make_env, within
@@ -314,7 +314,7 @@ def test_a_vanished_project_does_not_stop_the_others(tmp_path: Path, world: Worl
     shipper = _shipper(tmp_path, sim, receiver, clock, GITLAB_PROJECTS=f"{project.id},team/deleted-last-week")
     try:
         report = shipper.run_cycle()
-        from gitlab_log_shipper.stats import record_cycle
+        from gitlab_log_shipper.service.stats import record_cycle
         record_cycle(shipper.state, shipper.config, report, started=clock(), finished=clock(),
                      rate_limit_remaining=None, projects=shipper.known_projects)
         snapshot = collect(shipper.config, shipper.state, clock())

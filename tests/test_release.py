@@ -104,8 +104,16 @@ def test_log_level_and_verbose_override_log_level(tmp_path: Path, world: World, 
 # -- build, install, upgrade, roll back -------------------------------------------------------------------------
 
 OLD, NEW = __version__, __version__ + ".post1"  # "new" is this tree with a bumped version
-_IGNORE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench",
-                                 "logs", "state", "demo", ".pytest_cache")
+_ANYWHERE = shutil.ignore_patterns(".git", ".venv*", "*.egg-info", "__pycache__", ".pytest_cache")
+# Only at the top: the package has folders of these names too (gitlab_log_shipper/state/ is a layer).
+_AT_ROOT = {"build", "dist", "tests", "bench", "logs", "state", "demo"}
+
+
+def _IGNORE(folder: str, names: list[str]) -> set[str]:
+    ignored = set(_ANYWHERE(folder, names))
+    if Path(folder).resolve() == ROOT.resolve():
+        ignored |= _AT_ROOT & set(names)
+    return ignored
 
 
 def _build(tmp: Path, version: str, wheels: Path) -> Path:

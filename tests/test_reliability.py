@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from gitlab_log_shipper.config import load_config
-from gitlab_log_shipper.delivery import Delivery
-from gitlab_log_shipper.poster import ApiPoster, PostResult, RequestLog
+from gitlab_log_shipper.config.settings import load_config
+from gitlab_log_shipper.delivery.outbox import Delivery
+from gitlab_log_shipper.delivery.poster import ApiPoster, PostResult, RequestLog
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.logs import LogSpec
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
-from gitlab_log_shipper.state import StateStore
+from gitlab_log_shipper.state.store import StateStore
 
 from shipper_helpers import documents, make_env, start_daemon, stop_daemon
 

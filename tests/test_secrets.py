@@ -24,7 +24,7 @@ from urllib.parse import quote
 from click.testing import CliRunner
 
 from gitlab_log_shipper.cli import main
-from gitlab_log_shipper.config import load_config
+from gitlab_log_shipper.config.settings import load_config
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import RecordedRequest, Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World

@@ -17,21 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from gitlab_log_shipper.config import load_config, prepare_directories
+from gitlab_log_shipper.config.settings import load_config, prepare_directories, startup_warnings
+from gitlab_log_shipper.delivery.files import FileOutput, atomic_write
+from gitlab_log_shipper.delivery.poster import RequestLog
+from gitlab_log_shipper.document.payload import JobLog, document_header, job_fields
+from gitlab_log_shipper.document.redact import Redactor, parse_patterns
 from gitlab_log_shipper.errors import ConfigError, DeliveryError
-from gitlab_log_shipper.fileout import FileOutput, atomic_write
-from gitlab_log_shipper.logsetup import PrivateRotatingFileHandler
-from gitlab_log_shipper.payload import JobLog, document_header, job_fields
-from gitlab_log_shipper.poster import RequestLog
-from gitlab_log_shipper.redact import Redactor, parse_patterns
 from gitlab_log_shipper.security import (
     escape_for_log,
     is_loopback,
     open_private,
     private_mkdir,
-    startup_warnings,
     tightened_umask,
 )
+from gitlab_log_shipper.service.logsetup import PrivateRotatingFileHandler
 from gitlab_log_shipper.sim.gitlab import GitLabSimulator
 from gitlab_log_shipper.sim.receiver import Receiver, Reply
 from gitlab_log_shipper.sim.world import JobSpec, World
@@ -306,7 +305,7 @@ def test_names_from_gitlab_never_escape_the_output_folder(name: str, tmp_path: P
 
 
 def test_output_paths_are_checked_even_if_a_name_slipped_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gitlab_log_shipper.fileout as fileout
+    import gitlab_log_shipper.delivery.files as fileout
 
     monkeypatch.setattr(fileout, "project_dir_name", lambda name, pid: "../../outside")
     with pytest.raises(DeliveryError, match="outside LOG_OUTPUT_DIR"):

@@ -1,5 +1,6 @@
-"""Where pipelines come from: reading GitLab (REST through python-gitlab; the throttle; bounded job-log downloads).
+"""Where pipelines come from: reading GitLab (REST through python-gitlab in ``rest``, GraphQL change detection in
+``graphql``, the rate-limit ``throttle``, bounded job-log ``download``s).
 
-May use the package's edge modules (config, errors, security, spool, timeutil); never delivery, state or the
-document builders. ``rest`` is the only module of the package that imports python-gitlab.
+May use the shared modules (errors, security, counters, timeutil) and config; never document, delivery, state,
+the shipper or the service. ``rest`` is the only module of the package that imports python-gitlab.
 """

@@ -24,16 +24,27 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Protocol, Union
 
 import requests
 import urllib3.exceptions
 
-from ..spool import LogSink
-
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # largest single read; writes are batched up to this size as well
+
+
+class LogSink(Protocol):
+    """What :meth:`GitLabSource.fetch_trace` writes a log to (a binary file will do as well); the spool's
+    :class:`~gitlab_log_shipper.document.spool.CappedLog` is one. Defined here, by its user, so that reading
+    GitLab needs nothing of the document layer."""
+
+    def write(self, data: bytes) -> object: ...
+
+    def flush(self) -> None: ...
+
+    def restart(self) -> None:
+        """Throw away what was written: the download starts over from the first byte."""
 
 
 class DeadlineExceeded(Exception):

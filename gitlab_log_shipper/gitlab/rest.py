@@ -31,15 +31,14 @@ import urllib3
 from urllib3.exceptions import InsecureRequestWarning
 
 from .. import __version__
-from ..config import Config
+from ..config.settings import Config
 from ..counters import GITLAB, NO_ANSWER, count_request
-from .download import BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, RequestDeadline, format_seconds
-from .download import restart as restart_sink
 from ..errors import GitLabSourceError
-from .throttle import Throttle
 from ..security import escape_controls, mask_secrets
-from ..spool import LogSink
 from ..timeutil import format_ts, parse_ts
+from .download import BodyCopy, DeadlineExceeded, DeadlinePassed, DeadlinePool, LogSink, RequestDeadline, format_seconds
+from .download import restart as restart_sink
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -668,7 +667,7 @@ class GitLabSource:
         return self._call(f"jobs of pipeline {pipeline_id} (project {project_id})", fetch)
 
     def fetch_trace(self, project_id: int, job_id: int, out: BinaryIO | LogSink, *, timeout: float | None = None) -> int:
-        """Stream a job's raw log into ``out`` (an empty file, or a :class:`spool.LogSink` such as
+        """Stream a job's raw log into ``out`` (an empty file, or a :class:`~.download.LogSink` such as
         :class:`spool.CappedLog`); returns how many bytes GitLab sent. A stream broken midway is fetched
         again from the start (GitLab has no Range support for traces), up to :data:`TRACE_ATTEMPTS` times.
 

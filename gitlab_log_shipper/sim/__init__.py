@@ -7,6 +7,6 @@
 - :mod:`.receiver` — the log-analysis API the shipper posts to;
 - ``python -m gitlab_log_shipper.sim`` — run either as a standalone server.
 
-Standard library only, except the GraphQL API, which needs graphql-core (the ``sim`` extra) and is
-imported lazily: without it the simulator answers ``/api/graphql`` with 404 and all else works.
+May use the standard library and nothing of the shipper (it stands in for what the shipper talks to), plus
+graphql-core (the ``sim`` extra) for the GraphQL API, imported lazily: without it ``/api/graphql`` answers 404.
 """
