@@ -128,7 +128,7 @@ def _shipper(config: Config, **options: Any) -> Iterator[Shipper]:
 
 def _untimed(shipper: Shipper) -> None:
     """``backfill`` and ``post`` ship history or an operator's resend: their documents are not measured as finish ->
-    delivered latency (it would be the age of the window, or the operator's reaction; see latency.py)."""
+    delivered latency (it would be the age of the window, or the operator's reaction; see state/latency.py)."""
     if shipper.delivery is not None:
         shipper.delivery.measure_new = False
 

@@ -23,7 +23,7 @@ What is taken verbatim and what is derived:
   ``filter_headers`` would do); request headers are informational, replay matches method and URL.
 
 Output is deterministic (pure-Python YAML emitter, sorted keys, no clocks), so re-running gives
-byte-identical files; tests/test_cassettes.py checks that against the committed cassettes.
+byte-identical files; tests/gitlab/test_cassettes.py checks that against the committed cassettes.
 
 Usage: python tests/make_cassettes.py [--samples DIR] [--out DIR] [--check]
 """

@@ -9,7 +9,9 @@ from pathlib import Path
 from gitlab_log_shipper.cli import main
 from gitlab_log_shipper.config.settings import IGNORED_VARIABLES, KNOWN_VARIABLES, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo_paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 CONFIG_SOURCE = (ROOT / "gitlab_log_shipper" / "config" / "settings.py").read_text("utf-8")
 READ = set(re.findall(r'(?:get|opt|required)\("([A-Z][A-Z0-9_]+)"', CONFIG_SOURCE))
 VARIABLES = sorted(KNOWN_VARIABLES - set(IGNORED_VARIABLES))
@@ -41,3 +43,33 @@ def test_every_command_is_documented() -> None:
     for name in main.commands:
         assert f"gitlab-log-shipper {name}" in readme, name
         assert f"gls {name}" in operations or f"gitlab-log-shipper {name}" in operations, name
+
+
+# A path of the repository written in its text: docs, comments, help texts. Project names and log lines that merely
+# look like one are listed in NOT_PATHS.
+REPO_PATH = re.compile(r"(?<![\w./-])((?:tests|gitlab_log_shipper|bench|scripts|docs|packaging|deploy|\.ci)/[\w./-]*\w)")
+NOT_PATHS = {"bench/app", "bench/big",  # simulated GitLab projects in bench/run.py
+             "scripts/utils.sh"}  # a command inside a job log of tests/document/test_sections.py
+NOT_SCANNED = {".git", ".venv", "build", "dist", "logs", "state", "demo", "__pycache__", ".pytest_cache", "cassettes"}
+TEXT_SUFFIXES = {".py", ".md", ".cfg", ".toml", ".sh", ".service", ".yaml", ".yml", ".txt", ".example", ""}
+
+
+def test_every_path_the_repository_names_exists() -> None:
+    """The layout moved files (issue 15): a doc, comment or help text naming a test module or a module of the
+    package by its path must name where it is now."""
+    missing = []
+    for path in sorted(ROOT.rglob("*")):
+        relative = path.relative_to(ROOT)
+        if path.is_dir() or path.suffix not in TEXT_SUFFIXES or path.is_symlink():
+            continue
+        if any(part in NOT_SCANNED or part.endswith(".egg-info") or part.startswith(".venv") for part in relative.parts):
+            continue
+        try:
+            text = path.read_text("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for match in REPO_PATH.finditer(text):
+            named = match.group(1).rstrip(".")
+            if "*" not in named and named not in NOT_PATHS and not (ROOT / named).exists():
+                missing.append(f"{relative}:{text.count(chr(10), 0, match.start()) + 1}: {named}")
+    assert missing == []

@@ -1,10 +1,12 @@
 """The package's layout is its architecture (issue 15): GitLab → document → delivery → state, with the service beside.
 
 Each folder is a layer; a module may import from its own layer and from the layers listed for it in
-:data:`ALLOWED`, never from one above. Every import counts: at module level, inside a function, and under
-``if TYPE_CHECKING`` (a type from a higher layer is a dependency on it too). The import graph has no circles,
-and the third-party libraries stay where they belong (python-gitlab in ``gitlab.rest``, HTTP never in the
-document or the state, graphql-core only in the simulator).
+:data:`ALLOWED`, never from one above. Every import counts: at module level, inside a function, under
+``if TYPE_CHECKING`` (a type from a higher layer is a dependency on it too), ``importlib.import_module`` and
+``__import__`` with a literal name (one it cannot read is refused), and a chain such as
+``gitlab_log_shipper.delivery.poster.ApiPoster`` after ``import gitlab_log_shipper``. The import graph has no
+circles, and the libraries stay where they belong (python-gitlab in ``gitlab.rest``, nothing that talks to a
+network in the document or the state, standard library included; graphql-core only in the simulator).
 
 The checker is a plain function over source files, so the tests below also feed it a small package that breaks
 each rule, to show that it can fail.
@@ -50,6 +52,11 @@ THIRD_PARTY: dict[str, set[str]] = {
     "click": {"cli", "sim"},  # the commands; the simulator's own command line
     "schedule": {"service"},
 }
+# What talks to a network, standard library included: never in the document or the state.
+NETWORK = ("requests", "urllib3", "gitlab", "graphql", "http", "socket", "ssl", "urllib.request", "asyncio",
+           "ftplib", "smtplib", "xmlrpc")
+OFFLINE_LAYERS = {"document", "state"}
+DYNAMIC = {"import_module", "__import__"}  # importlib.import_module / __import__: followed when the name is literal
 
 
 def layer_of(module: str) -> str | None:
@@ -69,37 +76,82 @@ def module_name(package_dir: Path, path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(package_dir: Path, path: Path) -> tuple[set[str], set[str]]:
-    """(modules of the package, top-level third-party names) that ``path`` imports, wherever in the file."""
+def _is_module(package_dir: Path, parts: list[str]) -> bool:
+    return (package_dir.joinpath(*parts).with_suffix(".py").is_file()
+            or (package_dir.joinpath(*parts) / "__init__.py").is_file()) if parts else True
+
+
+def _longest_module(package_dir: Path, parts: list[str]) -> list[str]:
+    """The longest prefix of ``parts`` that is a module of the package (``delivery.poster.ApiPoster`` → its module)."""
+    for end in range(len(parts), 0, -1):
+        if _is_module(package_dir, parts[:end]):
+            return parts[:end]
+    return []
+
+
+def _dotted(node: ast.expr) -> list[str] | None:
+    """``a.b.c`` as ["a", "b", "c"]; None for anything that is not a plain chain of names."""
+    names: list[str] = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id, *reversed(names)]
+    return None
+
+
+def imports_of(package_dir: Path, path: Path) -> tuple[set[str], set[str], list[str]]:
+    """(modules of the package, other modules, imports that cannot be followed) of ``path``, wherever in the file:
+    import statements at any depth (functions, ``if TYPE_CHECKING``), ``importlib.import_module`` and
+    ``__import__`` calls, and attribute chains such as ``gitlab_log_shipper.delivery.poster.ApiPoster``."""
     name = module_name(package_dir, path)
     here = name.split(".") if name else []
     package = here if path.name == "__init__.py" else here[:-1]
     inside: set[str] = set()
     outside: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text("utf-8"), str(path))):
+    opaque: list[str] = []
+
+    def absolute(module: str, level: int) -> None:
+        if level:
+            if level - 1 > len(package):
+                raise AssertionError(f"{path}: relative import beyond the package")
+            parts = package[:len(package) - (level - 1)] + (module.split(".") if module else [])
+        elif module == PACKAGE or module.startswith(PACKAGE + "."):
+            parts = module.split(".")[1:]
+        else:
+            outside.add(module)
+            return
+        inside.add(".".join(_longest_module(package_dir, parts)))
+
+    tree = ast.parse(path.read_text("utf-8"), str(path))
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}  # a.b of a.b.c
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
-                    inside.add(alias.name[len(PACKAGE) + 1:])
-                else:
-                    outside.add(alias.name.split(".")[0])
+                absolute(alias.name, 0)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                if node.level - 1 > len(package):
-                    raise AssertionError(f"{path}: relative import beyond the package")
-                base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
-            elif node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
-                base = node.module.split(".")[1:]
-            else:
-                outside.add((node.module or "").split(".")[0])
+            module = node.module or ""
+            if not node.level and not (module == PACKAGE or module.startswith(PACKAGE + ".")):
+                outside.add(module)
                 continue
             for alias in node.names:  # `from . import health` imports a module; `from .x import y` a name of x
-                candidate = [*base, alias.name]
-                is_module = (package_dir.joinpath(*candidate).with_suffix(".py").is_file()
-                             or (package_dir.joinpath(*candidate) / "__init__.py").is_file())
-                inside.add(".".join(candidate if is_module else base))
+                absolute(".".join(filter(None, [module, alias.name])), node.level)
+        elif isinstance(node, ast.Call):
+            function = _dotted(node.func)
+            if not function or function[-1] not in DYNAMIC:
+                continue
+            target = node.args[0] if node.args else None
+            if isinstance(target, ast.Constant) and isinstance(target.value, str):
+                level = len(target.value) - len(target.value.lstrip("."))
+                absolute(target.value.lstrip("."), level)
+            else:
+                opaque.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Attribute) and id(node) not in inner:
+            chain = _dotted(node)
+            if chain and chain[0] == PACKAGE:
+                inside.add(".".join(_longest_module(package_dir, chain[1:])))
     inside.discard(name)
-    return inside, outside
+    return inside, outside, opaque
 
 
 def problems(package_dir: Path) -> list[str]:
@@ -109,11 +161,13 @@ def problems(package_dir: Path) -> list[str]:
     for path in sorted(package_dir.rglob("*.py")):
         name = module_name(package_dir, path)
         layer = layer_of(name)
-        inside, outside = imports_of(package_dir, path)
+        inside, outside, opaque = imports_of(package_dir, path)
         graph[name] = inside
         if layer is None:
             found.append(f"{name or PACKAGE}: in no layer (put it in a folder, or name it in tests/test_layers.py)")
             continue
+        found.extend(f"{name}: an import the layering check cannot follow ({call}); name the module literally"
+                     for call in opaque)
         for target in sorted(inside):
             target_layer = layer_of(target)
             if target_layer is None:
@@ -121,9 +175,13 @@ def problems(package_dir: Path) -> list[str]:
             elif target_layer != layer and target_layer not in ALLOWED[layer]:
                 found.append(f"{name} ({layer}) imports {target} ({target_layer}): {layer} may use "
                              f"{', '.join(sorted(ALLOWED[layer])) or 'nothing of the package'}")
-        for library in sorted(outside & set(THIRD_PARTY)):
+        for library in sorted({module.split(".")[0] for module in outside} & set(THIRD_PARTY)):
             if layer not in THIRD_PARTY[library] and name not in THIRD_PARTY[library]:
                 found.append(f"{name} imports {library}, which only {', '.join(sorted(THIRD_PARTY[library]))} may")
+        if layer in OFFLINE_LAYERS:
+            for module in sorted(outside):
+                if any(module == net or module.startswith(net + ".") for net in NETWORK):
+                    found.append(f"{name} ({layer}) imports {module}: {layer} knows nothing of the network")
     found.extend(f"import circle: {' → '.join(circle)}" for circle in circles(graph))
     return found
 
@@ -251,6 +309,30 @@ def test_the_checker_fails_a_lower_layer_importing_a_higher_one(tmp_path: Path) 
     ]
 
 
+def test_the_checker_follows_dynamic_and_attribute_imports_and_knows_the_network(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "delivery/poster.py": "class ApiPoster: ...\n",
+        "document/payload.py": "import importlib\nimportlib.import_module('gitlab_log_shipper.delivery.poster')\n",
+        "document/spool.py": "__import__('gitlab_log_shipper.delivery.poster', fromlist=['x'])\n",
+        "document/redact.py": "import gitlab_log_shipper\ndef f():\n    return gitlab_log_shipper.delivery.poster.ApiPoster\n",
+        "config/settings.py": "from importlib import import_module\nimport_module('..shipper', __package__)\n",
+        "shipper.py": "",
+        "sim/world.py": "import importlib\nname = 'gitlab_log_shipper.errors'\nimportlib.import_module(name)\n",
+        "state/store.py": "import http.client, socket\nfrom urllib.request import urlopen\nfrom urllib.parse import quote\n",
+    })
+    assert problems(root) == [
+        "config.settings (config) imports shipper (shipper): config may use document, shared",
+        "document.payload (document) imports delivery.poster (delivery): document may use shared",
+        "document.redact (document) imports delivery.poster (delivery): document may use shared",
+        "document.spool (document) imports delivery.poster (delivery): document may use shared",
+        "sim.world: an import the layering check cannot follow (line 3: importlib.import_module(name)); name the "
+        "module literally",
+        "state.store (state) imports http.client: state knows nothing of the network",
+        "state.store (state) imports socket: state knows nothing of the network",
+        "state.store (state) imports urllib.request: state knows nothing of the network",
+    ]
+
+
 def test_the_checker_fails_circles_strays_and_misplaced_libraries(tmp_path: Path) -> None:
     root = _package(tmp_path, {
         "errors.py": "from .timeutil import utcnow\n",
@@ -263,6 +345,7 @@ def test_the_checker_fails_circles_strays_and_misplaced_libraries(tmp_path: Path
         "delivery.poster imports helpers, which is in no layer",
         "delivery.poster imports gitlab, which only gitlab.rest may",
         "document.redact imports urllib3, which only delivery, gitlab, service may",
+        "document.redact (document) imports urllib3: document knows nothing of the network",
         "helpers: in no layer (put it in a folder, or name it in tests/test_layers.py)",
         "import circle: errors → timeutil → errors",
     ]

@@ -26,7 +26,7 @@ from gitlab_log_shipper.sim.world import JobSpec, World
 from shipper_helpers import make_env
 
 ROOT = Path(__file__).resolve().parent.parent
-# Variables read from the environment outside Config: systemd's (notify.py, logsetup.py).
+# Variables read from the environment outside Config: systemd's (service/notify.py, service/logsetup.py).
 SYSTEMD_VARIABLES = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"}
 VARIABLE = re.compile(r"\b[A-Z][A-Z0-9_]{3,}\b")
 

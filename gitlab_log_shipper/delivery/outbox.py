@@ -104,7 +104,7 @@ class Delivery:
         self.receiver_up: bool | None = None
         self._catch_up = False  # it came back: every queued document is due, whatever its own backoff
         # New documents (send) are timed from their rest time to the receiver's 2xx; backfill and post switch this
-        # off (their latency would be the age of the window, or an operator's reaction: see latency.py).
+        # off (their latency would be the age of the window, or an operator's reaction: see state/latency.py).
         self.measure_new = True
         self.skew = SkewReporter()  # clock skew logged once per poll cycle (drain starts each cycle)
         self._lock = threading.Lock()  # the health above and drain's counts; documents are sent concurrently

@@ -375,7 +375,7 @@ class ApiPoster:
         self.session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
         if config.api_post_auth_token:
             self.session.headers["Authorization"] = f"Bearer {config.api_post_auth_token}"
-        # API_POST_HEADERS (validated in headers.py; their values are secrets, redacted from every log).
+        # API_POST_HEADERS (validated in config/headers.py; their values are secrets, redacted from every log).
         self.session.headers.update(dict(config.api_post_headers))
 
     def __repr__(self) -> str:

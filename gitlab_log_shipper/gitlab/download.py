@@ -36,8 +36,8 @@ READ_SIZE = 256 * 1024  # largest single read; writes are batched up to this siz
 
 class LogSink(Protocol):
     """What :meth:`GitLabSource.fetch_trace` writes a log to (a binary file will do as well); the spool's
-    :class:`~gitlab_log_shipper.document.spool.CappedLog` is one. Defined here, by its user, so that reading
-    GitLab needs nothing of the document layer."""
+    :class:`~gitlab_log_shipper.document.spool.CappedLog` is one. Defined here, by its user, so that the GitLab
+    layer does not import the document layer (``tests/test_layers.py``)."""
 
     def write(self, data: bytes) -> object: ...
 

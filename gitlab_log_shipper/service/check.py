@@ -66,7 +66,7 @@ def run_checks(config: Config, *, send_test: bool, today: Callable[[], date], no
 
 def _configuration_warnings(config: Config) -> Iterator[Check]:
     """One "!" line per unknown variable or world-readable secret file, and per env-file line that systemd's
-    EnvironmentFile= would read differently (config.py, envfile.py): they pass, but deserve a look."""
+    EnvironmentFile= would read differently (config/settings.py, config/envfile.py): they pass, but deserve a look."""
     for warning in config.warnings:
         yield Check("configuration", True, warning, warning=True)
     for difference in config.systemd_differences:

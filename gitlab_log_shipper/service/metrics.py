@@ -16,7 +16,7 @@ What an SRE alerts on (issue 14), cumulative in the store like the totals: ``git
 :mod:`counters`), ``shipped_bytes_total`` (document bytes accepted with a 2xx) and ``shipped_log_bytes_total``,
 the ``cycle_duration_seconds`` histogram next to the last cycle's gauge, and ``pipelines_failing_repeatedly``.
 Names follow Prometheus' conventions (``_total`` counters, base units, HELP and TYPE lines), which
-``promtool check metrics`` verifies in tests/test_metrics.py.
+``promtool check metrics`` verifies in tests/service/test_metrics.py.
 """
 
 from __future__ import annotations

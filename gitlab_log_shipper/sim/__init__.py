@@ -7,6 +7,6 @@
 - :mod:`.receiver` — the log-analysis API the shipper posts to;
 - ``python -m gitlab_log_shipper.sim`` — run either as a standalone server.
 
-May use the standard library and nothing of the shipper (it stands in for what the shipper talks to), plus
-graphql-core (the ``sim`` extra) for the GraphQL API, imported lazily: without it ``/api/graphql`` answers 404.
+May use the standard library, click (its command line) and graphql-core (the ``sim`` extra, for the GraphQL API,
+imported lazily: without it ``/api/graphql`` answers 404); nothing of the shipper, which it stands in for.
 """

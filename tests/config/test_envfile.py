@@ -4,7 +4,7 @@ The unit passes the file with ``--env-file`` (no ``EnvironmentFile=``), so what 
 reads under systemd. systemd's own reading (``parse_systemd``, transcribed from ``parse_env_file_internal`` in
 systemd's src/basic/env-file.c) is pinned with the cases of systemd's src/test/test-env-file.c, and ``check``
 names the lines where the two differ. No systemd runs here (no PID 1 systemd in the test machine): the unit is
-checked as text and with ``systemd-analyze verify`` (tests/test_notify.py).
+checked as text and with ``systemd-analyze verify`` (tests/service/test_notify.py).
 """
 
 from __future__ import annotations
