@@ -76,15 +76,12 @@ def module_name(package_dir: Path, path: Path) -> str:
     return ".".join(parts)
 
 
-def _is_module(package_dir: Path, parts: list[str]) -> bool:
-    return (package_dir.joinpath(*parts).with_suffix(".py").is_file()
-            or (package_dir.joinpath(*parts) / "__init__.py").is_file()) if parts else True
-
-
 def _longest_module(package_dir: Path, parts: list[str]) -> list[str]:
-    """The longest prefix of ``parts`` that is a module of the package (``delivery.poster.ApiPoster`` → its module)."""
+    """The longest prefix of ``parts`` that is a module of the package (``delivery.poster.ApiPoster`` → its module;
+    ``[]``, the package itself, for ``__version__``)."""
     for end in range(len(parts), 0, -1):
-        if _is_module(package_dir, parts[:end]):
+        where = package_dir.joinpath(*parts[:end])
+        if where.with_suffix(".py").is_file() or (where / "__init__.py").is_file():
             return parts[:end]
     return []
 
